@@ -1,0 +1,3 @@
+from normcli.cli import main
+
+main()
