@@ -1,0 +1,68 @@
+"""Pieces every command shares: JSON rendering, stderr console, option types."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+# Everything but the command's result goes to stderr, so that --json keeps stdout clean.
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def jsonable(obj: Any) -> Any:
+    """Turn library results into plain JSON values; NaN/Inf become the strings the contract names."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return jsonable(obj.item())
+    return str(obj)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def parse_arch_kwargs(text: Optional[str]) -> dict:
+    from normcli.errors import NormcliError
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NormcliError(f"--arch-kwargs is not valid JSON ({e.msg} at position {e.pos}); "
+                           "pass an object such as '{\"num_classes\": 10}'") from None
+    if not isinstance(value, dict):
+        raise NormcliError(f"--arch-kwargs must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+ArchOption = typer.Option(None, "--arch", metavar="SPEC",
+                          help="Callable that builds the model: package.module:fn or path/to/file.py:fn.")
+ArchKwargsOption = typer.Option(None, "--arch-kwargs", metavar="JSON",
+                                help="JSON object of keyword arguments for --arch.")
+UnsafeLoadOption = typer.Option(False, "--unsafe-load",
+                                help="Allow running code carried by the file (full pickles, TorchScript, .pt2). "
+                                     "Only for files you trust.")
+JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
+DebugOption = typer.Option(False, "--debug", help="Show Python tracebacks on errors.", hidden=False)
