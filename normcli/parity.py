@@ -1,0 +1,223 @@
+"""Check that an ONNX model computes what the torch model computes, with onnxruntime on the CPU.
+
+The rule is numpy's ``allclose`` with the torch output as the reference ``b``: an element fails only when
+``|a - b| > atol + rtol * |b|``. NaN against a number fails, NaN against NaN passes, an infinity passes only
+against the same infinity. Defaults ``atol=1e-4``, ``rtol=1e-3``: typical float32 round-off for deep nets,
+well below what a wrong fold or a wrong export gives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from normcli.errors import NormcliError
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+@dataclass
+class OutputParity:
+    """Errors of one output over all samples; ``max_rel`` is taken where the reference is non-zero."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    mismatched: int  # elements out of tolerance, over all samples
+    elements: int = 0
+    problem: str | None = None  # set when the outputs could not even be compared (shape or count)
+
+
+@dataclass
+class ParityResult:
+    passed: bool
+    atol: float
+    rtol: float
+    samples: int
+    outputs: list[OutputParity] = field(default_factory=list)
+
+
+def check_parity(torch_model, onnx_path: str | os.PathLike, inputs: Sequence[tuple], *,
+                 atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> ParityResult:
+    """Run ``torch_model`` and an onnxruntime CPU session of ``onnx_path`` on each input tuple and compare.
+
+    inputs: one tuple of tensors per sample (see ``make_inputs``); samples may differ in batch size when
+    the ONNX model has a symbolic batch dimension. Several outputs (tuple, list, dict) are matched to the
+    ONNX outputs in order.
+    """
+    import numpy as np
+    import torch
+
+    if not inputs:
+        raise NormcliError("parity needs at least one sample")
+    if atol < 0 or rtol < 0:
+        raise NormcliError(f"tolerances must not be negative (atol={atol}, rtol={rtol})")
+    session = onnx_session(onnx_path)
+    onnx_inputs = session.get_inputs()
+    names = [o.name for o in session.get_outputs()]
+    stats = [_ErrorStats(name) for name in names]
+
+    for sample in inputs:
+        sample = tuple(sample)
+        if len(sample) != len(onnx_inputs):
+            raise NormcliError(f"the ONNX model {onnx_path} takes {len(onnx_inputs)} inputs "
+                               f"({', '.join(i.name for i in onnx_inputs)}), but {len(sample)} were given")
+        with torch.no_grad():
+            reference = torch.utils._pytree.tree_flatten(torch_model(*sample))[0]
+        feed = {spec.name: _to_numpy(t) for spec, t in zip(onnx_inputs, sample)}
+        try:
+            got = session.run(None, feed)
+        except Exception as e:
+            raise NormcliError(f"onnxruntime could not run {onnx_path} on inputs of shapes "
+                               f"{[tuple(t.shape) for t in sample]}: {str(e).strip().splitlines()[0]}") from e
+        if len(reference) != len(got):
+            raise NormcliError(f"the torch model returns {len(reference)} tensors but the ONNX model "
+                               f"{onnx_path} has {len(got)} outputs ({', '.join(names)})")
+        for stat, a, b in zip(stats, got, reference):
+            stat.add(np.asarray(a), _to_numpy(b), atol, rtol)
+
+    outputs = [s.result() for s in stats]
+    passed = all(o.mismatched == 0 and o.problem is None for o in outputs)
+    return ParityResult(passed=passed, atol=atol, rtol=rtol, samples=len(inputs), outputs=outputs)
+
+
+def mismatch_mask(actual, reference, atol: float, rtol: float):
+    """Boolean array, True where ``actual`` is out of tolerance of ``reference`` (numpy.allclose's rule).
+
+    Computed in float64 so that the rule is decided exactly for float32 and float16 outputs.
+    """
+    import numpy as np
+
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        close = np.isfinite(a) & np.isfinite(b) & (np.abs(a - b) <= atol + rtol * np.abs(b))
+    close |= a == b  # the same infinity
+    close |= np.isnan(a) & np.isnan(b)
+    return ~close
+
+
+def onnx_session(onnx_path: str | os.PathLike):
+    """An onnxruntime CPU session, with a NormcliError for a file it cannot load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business here
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise NormcliError(f"onnxruntime cannot load {onnx_path}: {str(e).strip().splitlines()[0]}") from e
+
+
+def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, dtype=None) -> list[tuple]:
+    """``samples`` tuples of standard-normal tensors, one tensor per shape, the same for the same seed."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if samples < 1:
+        raise NormcliError(f"the number of samples must be at least 1, got {samples}")
+    for shape in shapes:
+        if any(int(d) < 1 for d in shape):
+            raise NormcliError(f"input shape {','.join(map(str, shape))} has a dimension below 1")
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype) for shape in shapes)
+            for _ in range(samples)]
+
+
+def load_input_file(path: str | os.PathLike):
+    """Read one input tensor from a ``.npy`` file or a tensor saved with ``torch.save``; runs no file code.
+
+    The format is found from the file's first bytes, not its extension.
+    """
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise NormcliError(f"cannot read input file {path}: {e.strerror or e}") from None
+    if head.startswith(b"\x93NUMPY"):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise NormcliError(f"cannot read {path} as a .npy array ({str(e).strip().splitlines()[0]}); "
+                               "save a numeric array with numpy.save") from None
+        if array.dtype.kind not in "fiub":
+            raise NormcliError(f"{path} holds a {array.dtype} array; an input must be numeric")
+        return torch.from_numpy(np.array(array, copy=True))
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise NormcliError(f"cannot read {path} as a tensor saved with torch.save "
+                               f"({str(e).strip().splitlines()[0]}); save one tensor with torch.save(t, path)"
+                               ) from None
+        if not isinstance(value, torch.Tensor):
+            raise NormcliError(f"{path} holds a {type(value).__name__}, not a tensor; "
+                               "save one tensor with torch.save(t, path)")
+        return value
+    raise NormcliError(f"{path} is neither a .npy array nor a tensor saved with torch.save")
+
+
+class _ErrorStats:
+    """Running error figures of one output over the samples."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.sum_abs = 0.0
+        self.elements = 0
+        self.mismatched = 0
+        self.problem: str | None = None
+
+    def add(self, actual, reference, atol: float, rtol: float) -> None:
+        import numpy as np
+
+        if actual.shape != reference.shape:
+            self.problem = (f"shape {tuple(actual.shape)} from onnxruntime, {tuple(reference.shape)} from torch")
+            self.mismatched += int(reference.size)
+            self.elements += int(reference.size)
+            return
+        a = actual.astype(np.float64)
+        b = reference.astype(np.float64)
+        self.mismatched += int(mismatch_mask(a, b, atol, rtol).sum())
+        self.elements += int(b.size)
+        if b.size == 0:
+            return
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            diff = np.abs(a - b)
+            diff[(a == b) | (np.isnan(a) & np.isnan(b))] = 0.0  # agreement, infinities and NaNs included
+            nonzero = b != 0
+            rel = diff[nonzero] / np.abs(b[nonzero])
+        self.max_abs = _nanmax(self.max_abs, float(diff.max()))
+        if rel.size:
+            self.max_rel = _nanmax(self.max_rel, float(rel.max()))
+        self.sum_abs += float(diff.sum())
+
+    def result(self) -> OutputParity:
+        mean = self.sum_abs / self.elements if self.elements else 0.0
+        return OutputParity(name=self.name, max_abs=self.max_abs, max_rel=self.max_rel, mean_abs=mean,
+                            mismatched=self.mismatched, elements=self.elements, problem=self.problem)
+
+
+def _nanmax(x: float, y: float) -> float:
+    """max that keeps a NaN: a NaN error (NaN against a number) must show in the report."""
+    if x != x or y != y:
+        return float("nan")
+    return max(x, y)
+
+
+def _to_numpy(value):
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
