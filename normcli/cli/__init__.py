@@ -9,7 +9,6 @@ import os
 import sys
 from typing import Optional
 
-import click
 import typer
 
 from normcli._version import __version__
@@ -53,20 +52,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(args)
     try:
-        app(args=args, prog_name="normcli", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.exceptions.UsageError as e:
-        hint = f"; see 'normcli {e.ctx.info_name} --help'" if e.ctx is not None and e.ctx.parent is not None else \
-            "; see 'normcli --help'"
-        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        sys.exit(2)
+        result = app(args=args, prog_name="normcli", standalone_mode=False)
     except NormcliError as e:
         if debug:
             raise
@@ -80,12 +66,40 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # a bug or an input we did not foresee: still one line, still exit 2
+    except Exception as e:
+        code = _cli_framework_exit(e)
+        if code is not None:
+            sys.exit(code)
         if debug:
             raise
+        # a bug or an input we did not foresee: still one line, still exit 2
         print(f"error: unexpected {type(e).__name__}: {_one_line(str(e))} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _cli_framework_exit(e: Exception) -> int | None:
+    """Exit code for Typer/Click's own exceptions (usage errors, --help, --version), printing usage errors
+    as one ``error:`` line. Matched by shape because Typer may bundle its own copy of Click."""
+    module = type(e).__module__
+    if not (module.startswith("click") or module.startswith("typer")):
+        return None
+    name = type(e).__name__
+    if name == "Exit":
+        return getattr(e, "exit_code", 0)
+    if name == "Abort":
+        print("error: aborted", file=sys.stderr)
+        return 130
+    if name == "NoArgsIsHelpError":  # bare `normcli` or `normcli inspect`: show the help, nothing failed
+        print(e.format_message() if hasattr(e, "format_message") else "", file=sys.stderr)
+        return 2
+    if hasattr(e, "format_message"):
+        ctx = getattr(e, "ctx", None)
+        command = f"normcli {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "normcli --help"
+        print(f"error: {_one_line(e.format_message())}; see '{command}'", file=sys.stderr)
+        return 2
+    return None
 
 
 def _one_line(text: str) -> str:

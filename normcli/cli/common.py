@@ -13,7 +13,8 @@ from rich.console import Console
 
 # Everything but the command's result goes to stderr, so that --json keeps stdout clean.
 err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# a pipe or a CI log gets a wide table instead of Rich's 80-column default
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def jsonable(obj: Any) -> Any:

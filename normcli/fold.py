@@ -1,0 +1,692 @@
+"""Fold eval-mode norms that are per-channel affine maps (BatchNorm and kin) into the conv/linear beside them.
+
+Pairs are found by dataflow — a ``torch.fx`` trace, or a ``torch.export`` graph when tracing fails — never by
+the order modules were defined in. A fold is done only where it is exact for every input the model accepts;
+everything else stays, with the reason in ``FoldReport.unfolded``. Folded weights are computed in float64
+from the original values and rounded once to the layer's dtype.
+
+Only the command bodies import this module, so torch is imported at the top.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from normcli.errors import NormcliError
+
+__all__ = ["FoldReport", "fold_batchnorm", "is_foldable_norm"]
+
+
+@dataclass
+class FoldReport:
+    """What ``fold_batchnorm`` did.
+
+    ``folded``: ``{"norm", "into"}`` per folded norm; ``unfolded``: ``{"norm", "reason"}`` per norm left in
+    place. Names are qualified module names of the original model. ``method`` is how pairs were found:
+    ``"fx"`` (torch.fx trace), ``"export"`` (torch.export graph) or ``"none"`` (nothing was folded);
+    ``note`` says why a fallback was used.
+    """
+
+    folded: list[dict[str, str]] = field(default_factory=list)
+    unfolded: list[dict[str, str]] = field(default_factory=list)
+    method: str = "none"
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"folded": list(self.folded), "unfolded": list(self.unfolded), "method": self.method,
+                "note": self.note}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which modules are norms, and what per-channel affine map they compute in eval
+
+
+_TRUSTED_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _InstanceNorm.forward)
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _looks_frozen(module: nn.Module) -> bool:
+    buffers = dict(module.named_buffers(recurse=False))
+    return (all(name in buffers for name in _FROZEN_BUFFERS) and "num_batches_tracked" not in buffers
+            and hasattr(module, "eps"))
+
+
+def is_foldable_norm(module: nn.Module) -> bool:
+    """True for the module kinds the fold knows: BatchNorm (incl. SyncBatchNorm), InstanceNorm, modules
+    with FrozenBatchNorm's buffers, and modules with a ``fold_scale_shift()`` method (e.g. MABN)."""
+    return (callable(getattr(module, "fold_scale_shift", None))
+            or isinstance(module, (_BatchNorm, _InstanceNorm)) or _looks_frozen(module))
+
+
+def _standard_affine(mean, var, gamma, beta, eps: float, channels: int):
+    for name, tensor in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
+        if tensor is not None and not tensor.is_floating_point():
+            return f"non-float dtype: {name} is {tensor.dtype}"
+    var64 = var.detach().double()
+    scale = 1.0 / torch.sqrt(var64 + float(eps))
+    if gamma is not None:
+        scale = scale * gamma.detach().double()
+    shift = -mean.detach().double() * scale
+    if beta is not None:
+        shift = shift + beta.detach().double()
+    if scale.shape != (channels,) or shift.shape != (channels,):
+        return f"statistics of shape {tuple(scale.shape)} are not per-channel for {channels} channels"
+    return scale, shift
+
+
+def _norm_affine(module: nn.Module):
+    """(scale, shift) in float64 with ``norm(x) = scale[c] * x + shift[c]`` in eval, or why there is none."""
+    hooks = _hook_problem(module)
+    if hooks:
+        return hooks
+    if callable(getattr(module, "fold_scale_shift", None)):
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor.dtype not in (torch.int64,) and not tensor.is_floating_point():
+                return f"non-float dtype: {name} is {tensor.dtype}"
+        try:
+            scale, shift = module.fold_scale_shift()
+        except Exception as exc:  # the module says it cannot be folded
+            return f"fold_scale_shift() failed: {exc}"
+        scale = torch.as_tensor(scale).detach().double().flatten()
+        shift = torch.as_tensor(shift).detach().double().flatten()
+        if scale.shape != shift.shape:
+            return f"fold_scale_shift() returned scale {tuple(scale.shape)} and shift {tuple(shift.shape)}"
+        return scale, shift
+    if isinstance(module, (_BatchNorm, _InstanceNorm)):
+        if type(module).forward not in _TRUSTED_NORM_FORWARDS:
+            return f"{type(module).__name__} overrides forward(), so its eval map is not known to be affine"
+        if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+            if isinstance(module, _InstanceNorm):
+                return "track_running_stats=False: it normalises each sample with its own statistics"
+            return "track_running_stats=False: it normalises with each batch's own statistics, even in eval"
+        return _standard_affine(module.running_mean, module.running_var, module.weight, module.bias,
+                                module.eps, module.num_features)
+    if _looks_frozen(module):
+        return _standard_affine(module.running_mean, module.running_var, module.weight, module.bias,
+                                float(module.eps), module.running_mean.numel())
+    return f"{type(module).__name__} is not a per-channel affine map in eval"
+
+
+def _hook_problem(module: nn.Module) -> Optional[str]:
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks, which the fold would drop"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers a norm folds into
+
+
+_CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONVT_TYPES = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+
+
+@dataclass
+class _Layer:
+    """A conv, transposed conv or linear, as the fold math needs it."""
+
+    kind: str  # "conv", "convT", "linear"
+    dims: int  # spatial dims; 0 for linear
+    groups: int
+    out_channels: int
+    in_channels: int
+
+
+def _layer_of_module(module: nn.Module) -> Optional[_Layer]:
+    for base, dims in _CONV_TYPES.items():
+        if isinstance(module, base):
+            return _Layer("conv", dims, module.groups, module.out_channels, module.in_channels)
+    for base, dims in _CONVT_TYPES.items():
+        if isinstance(module, base):
+            return _Layer("convT", dims, module.groups, module.out_channels, module.in_channels)
+    if isinstance(module, nn.Linear):
+        return _Layer("linear", 0, 1, module.out_features, module.in_features)
+    return None
+
+
+def _layer_module_problem(module: nn.Module, name: str) -> Optional[str]:
+    base = next(b for b in (*_CONV_TYPES, *_CONVT_TYPES, nn.Linear) if isinstance(module, b))
+    if type(module).forward is not base.forward or (
+            hasattr(base, "_conv_forward") and type(module)._conv_forward is not base._conv_forward):
+        return f"'{name}' ({type(module).__name__}) overrides forward(), so folding into its weight may not be exact"
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return f"'{name}' has a parametrized weight"
+    hooks = _hook_problem(module)
+    if hooks:
+        return f"'{name}' {hooks}"
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return f"'{name}' is a lazy module that was never run"
+    if not module.weight.is_floating_point():
+        return f"non-float dtype: '{name}'.weight is {module.weight.dtype}"
+    if module.bias is not None and not module.bias.is_floating_point():
+        return f"non-float dtype: '{name}'.bias is {module.bias.dtype}"
+    return None
+
+
+def _zero_padding(module: nn.Module) -> Optional[str]:
+    """Why a norm in front of this conv cannot fold into it, when the conv pads with zeros."""
+    if module.padding_mode != "zeros":
+        return None  # reflect/replicate/circular pad with copies of normalised values: exact
+    if all(int(p) == 0 for p in module._reversed_padding_repeated_twice):
+        return None
+    return (f"it pads with zeros (padding={module.padding}), where the norm's shift would have to be padded "
+            "instead")
+
+
+class _Master:
+    """Float64 copy of a layer's weight and bias, updated by every fold into it and rounded once at the end."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], layer: _Layer):
+        self.weight = weight.detach().double().clone()
+        channels = layer.out_channels
+        self.bias = (bias.detach().double().clone() if bias is not None
+                     else torch.zeros(channels, dtype=torch.float64, device=weight.device))
+        self.layer = layer
+
+    def fold_output(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """y -> scale * y + shift per output channel."""
+        scale = scale.to(self.weight.device)
+        shift = shift.to(self.weight.device)
+        w = self.weight
+        spatial = [1] * (w.dim() - 2)
+        if self.layer.kind == "convT":
+            # weight is (in, out/groups, k...): output channel o = group * (out/groups) + j lives at [group rows, j]
+            g = self.layer.groups
+            per_group = w.shape[1]
+            w = w.reshape(g, w.shape[0] // g, per_group, *w.shape[2:])
+            w = w * scale.reshape(g, 1, per_group, *spatial)
+            self.weight = w.reshape(self.weight.shape)
+        else:
+            self.weight = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        self.bias = self.bias * scale + shift
+
+    def fold_input(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """x -> scale * x + shift per input channel, in front of a conv (not transposed) or linear."""
+        scale = scale.to(self.weight.device)
+        shift = shift.to(self.weight.device)
+        w = self.weight
+        if self.layer.kind == "linear":
+            self.bias = self.bias + w @ shift
+            self.weight = w * scale.reshape(1, -1)
+            return
+        out, in_per_group = w.shape[:2]
+        g = self.layer.groups
+        spatial = [1] * (w.dim() - 2)
+
+        def per_weight(v):  # (in,) -> (out, in/groups): the input channel each weight row reads
+            return v.reshape(g, 1, in_per_group).expand(g, out // g, in_per_group).reshape(out, in_per_group)
+
+        self.bias = self.bias + (w * per_weight(shift).reshape(out, in_per_group, *spatial)).flatten(1).sum(1)
+        self.weight = w * per_weight(scale).reshape(out, in_per_group, *spatial)
+
+
+def _rounded(value: torch.Tensor, like: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    return nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shape knowledge (from ShapeProp with example inputs, or torch.export's fake values)
+
+
+def _shape(node: Any) -> Optional[tuple[int, ...]]:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    return None
+
+
+_NORM_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+
+
+def _layout_problem(layer: _Layer, tensor_node: Any, norm: Optional[nn.Module], channels: int,
+                    where: str) -> Optional[str]:
+    """Check that the norm's channel dim is the layer's channel dim on the tensor between them."""
+    shape = _shape(tensor_node)
+    if layer.kind == "linear":
+        if shape is None:
+            return (f"the rank of the tensor {where} is unknown: BatchNorm1d on a 3-D tensor normalises dim 1, "
+                    "not the Linear's features; pass example_inputs so the fold can check it is 2-D")
+        if len(shape) != 2:
+            return f"the tensor {where} has shape {list(shape)}: not (batch, features)"
+    else:
+        if shape is not None:
+            if len(shape) != layer.dims + 2:
+                return f"the tensor {where} has shape {list(shape)}: not a batched {layer.dims}-d feature map"
+            if int(shape[1]) != channels:
+                return f"the tensor {where} has {shape[1]} channels, the norm {channels}"
+        elif where.startswith("into") and norm is not None:
+            # a norm in front of a conv: an unbatched conv input would put channels at dim 0
+            rank = next((r for cls, r in _NORM_RANK.items() if isinstance(norm, cls)), None)
+            if rank != layer.dims + 2:
+                return (f"the rank of the tensor {where} is unknown; pass example_inputs so the fold can check "
+                        "the norm's channels are the conv's input channels")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.fx
+
+
+class _FoldTracer(fx.Tracer):
+    """Keeps every norm the fold knows as one call_module node, even user-defined ones."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_foldable_norm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _owner_counts(graph: fx.Graph) -> Counter:
+    """How often each module is used: calls plus direct reads of its parameters/buffers."""
+    uses: Counter = Counter()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            uses[node.target] += 1
+        elif node.op == "get_attr":
+            parts = node.target.split(".")
+            for i in range(len(parts)):
+                uses[".".join(parts[:i])] += 1 if i else 0
+    return uses
+
+
+def _fold_fx(model: nn.Module, example_inputs: Optional[tuple], report: FoldReport) -> fx.GraphModule:
+    tracer = _FoldTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    modules = dict(gm.named_modules())
+    uses = _owner_counts(gm.graph)
+    masters: dict[str, _Master] = {}
+
+    def master(name: str) -> _Master:
+        if name not in masters:
+            module = modules[name]
+            masters[name] = _Master(module.weight, module.bias, _layer_of_module(module))
+        return masters[name]
+
+    def layer_problem(name: str) -> Optional[str]:
+        problem = _layer_module_problem(modules[name], name)
+        if problem:
+            return problem
+        if uses[name] > 1:
+            return f"'{name}' is called (or its weights read) at {uses[name]} places"
+        return None
+
+    norm_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_foldable_norm(modules[n.target])]
+    called = {n.target for n in norm_nodes}
+    pending: list[tuple[fx.Node, tuple, str]] = []
+    folded_targets: list[str] = []
+
+    # Pass 1: norm after the layer that produces its input.
+    for node in norm_nodes:
+        name = node.target
+        affine = _norm_affine(modules[name])
+        if isinstance(affine, str):
+            report.unfolded.append({"norm": name, "reason": affine})
+            continue
+        if uses[name] > 1:
+            report.unfolded.append({"norm": name, "reason": f"it is called at {uses[name]} places"})
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            report.unfolded.append({"norm": name, "reason": "it is called with more than one argument"})
+            continue
+        scale, shift = affine
+        src = node.args[0]
+        producer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        layer = _layer_of_module(producer) if producer is not None else None
+        if layer is None:
+            pending.append((node, affine, "its input is not the output of a conv or linear"))
+            continue
+        problem = layer_problem(src.target)
+        if problem is None and len(src.users) > 1:
+            problem = f"the output of '{src.target}' has {len(src.users)} consumers"
+        if problem is None and layer.out_channels != scale.numel():
+            problem = f"'{src.target}' has {layer.out_channels} output channels, the norm {scale.numel()}"
+        if problem is None:
+            problem = _layout_problem(layer, src, modules[name], scale.numel(), f"out of '{src.target}'")
+        if problem is not None:
+            pending.append((node, affine, problem))
+            continue
+        master(src.target).fold_output(scale, shift)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded_targets.append(name)
+        report.folded.append({"norm": name, "into": src.target})
+
+    # Pass 2: norm in front of the conv/linear that consumes it, where that is exact.
+    for node, (scale, shift), first_reason in pending:
+        name = node.target
+        users = list(node.users)
+        consumer = users[0] if len(users) == 1 else None
+        target = (consumer.target if consumer is not None and consumer.op == "call_module"
+                  and consumer.args[:1] == (node,) else None)
+        layer = _layer_of_module(modules[target]) if target is not None else None
+        if layer is None:
+            report.unfolded.append({"norm": name, "reason": first_reason})
+            continue
+        problem = layer_problem(target)
+        if problem is None and layer.kind == "convT":
+            problem = "a transposed conv spreads the norm's shift unevenly over its output"
+        if problem is None and layer.kind == "conv":
+            problem = _zero_padding(modules[target])
+        if problem is None and layer.in_channels != scale.numel():
+            problem = f"'{target}' has {layer.in_channels} input channels, the norm {scale.numel()}"
+        if problem is None:
+            problem = _layout_problem(layer, node, modules[name], scale.numel(), f"into '{target}'")
+        if problem is not None:
+            report.unfolded.append({"norm": name, "reason": f"{first_reason}, and folding it into the following "
+                                                            f"'{target}' is not exact: {problem}"})
+            continue
+        master(target).fold_input(scale, shift)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        folded_targets.append(name)
+        report.folded.append({"norm": name, "into": target})
+
+    for name, m in masters.items():
+        module = modules[name]
+        requires_grad = module.weight.requires_grad
+        module.weight = _rounded(m.weight, module.weight, requires_grad)
+        module.bias = _rounded(m.bias, module.bias if module.bias is not None else module.weight, requires_grad)
+    for name in folded_targets:
+        gm.delete_submodule(name)
+    gm.graph.lint()
+    gm.recompile()
+    _report_uncalled(model, called, report)
+    return gm
+
+
+def _report_uncalled(model: nn.Module, called: set, report: FoldReport) -> None:
+    for name, module in model.named_modules():
+        if name and name not in called and is_foldable_norm(module) and not _inside_norm(name, called):
+            report.unfolded.append({"norm": name, "reason": "forward() never calls it directly; left as is"})
+
+
+def _inside_norm(name: str, called: set) -> bool:
+    return any(name.startswith(c + ".") for c in called)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.export fallback
+
+
+def _export_layer(node: fx.Node) -> Optional[tuple[_Layer, int]]:
+    """(layer, index of the bias argument) for an aten conv/linear call."""
+    aten = torch.ops.aten
+    target = node.target
+    for dims, ops in ((1, (aten.conv1d.default, aten.conv1d.padding)),
+                      (2, (aten.conv2d.default, aten.conv2d.padding)),
+                      (3, (aten.conv3d.default, aten.conv3d.padding))):
+        if target in ops:
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            return _Layer("conv", dims, int(groups), -1, -1), 2
+    for dims, op in ((1, aten.conv_transpose1d.input), (2, aten.conv_transpose2d.input),
+                     (3, aten.conv_transpose3d.input)):
+        if target == op:
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            return _Layer("convT", dims, int(groups), -1, -1), 2
+    if target == aten.convolution.default:
+        weight_rank = len(_shape(node.args[1]) or ()) or 4
+        kind = "convT" if node.args[6] else "conv"
+        return _Layer(kind, weight_rank - 2, int(node.args[8]), -1, -1), 2
+    if target == aten.linear.default:
+        return _Layer("linear", 0, 1, -1, -1), 2
+    return None
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fold_export(model: nn.Module, example_inputs: tuple, report: FoldReport) -> nn.Module:
+    ep = _export(model, example_inputs)
+    gm = ep.module()
+    aten = torch.ops.aten
+    graph = gm.graph
+    attr_users: Counter = Counter()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            attr_users[node.target] += len(node.users)
+    masters: dict[str, tuple[_Master, fx.Node]] = {}
+    folded_attrs: list[str] = []
+    seen_norms: set = set()
+
+    def attr_target(arg) -> Optional[str]:
+        return arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (
+                aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+            continue
+        if node.target == aten.batch_norm.default:
+            x, gamma, beta, mean, var, training, _momentum, eps = node.args[:8]
+            out_nodes = [node]
+        else:
+            x, gamma, beta, mean, var, _momentum, eps = node.args[:7]
+            training = False
+            out_nodes = list(node.users)
+        mean_t, var_t = attr_target(mean), attr_target(var)
+        name = mean_t.rsplit(".", 1)[0] if mean_t else _stack_name(node)
+        seen_norms.add(name)
+        if training or mean_t is None or var_t is None:
+            report.unfolded.append({"norm": name, "reason": "it normalises with each batch's own statistics"})
+            continue
+        if node.target != aten.batch_norm.default and any(
+                u.target is not __import__("operator").getitem or u.args[1] != 0 for u in out_nodes):
+            report.unfolded.append({"norm": name, "reason": "its saved statistics are used by the graph"})
+            continue
+        params = {k: _get_attr(gm, attr_target(a)) if attr_target(a) else None
+                  for k, a in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var))}
+        affine = _standard_affine(params["mean"], params["var"], params["gamma"], params["beta"], float(eps),
+                                  params["mean"].numel())
+        if isinstance(affine, str):
+            report.unfolded.append({"norm": name, "reason": affine})
+            continue
+        if any(attr_users[attr_target(a)] > 1 for a in (gamma, beta, mean, var) if attr_target(a)):
+            report.unfolded.append({"norm": name, "reason": "it is called at more than one place"})
+            continue
+        scale, shift = affine
+        found = _export_layer(x) if isinstance(x, fx.Node) and x.op == "call_function" else None
+        if found is None:
+            report.unfolded.append({"norm": name, "reason": "its input is not the output of a conv or linear "
+                                                            "(the torch.export fallback folds only those)"})
+            continue
+        layer, bias_index = found
+        weight_t = attr_target(x.args[1])
+        bias_arg = x.args[bias_index] if len(x.args) > bias_index else x.kwargs.get("bias")
+        bias_t = attr_target(bias_arg)
+        producer = weight_t.rsplit(".", 1)[0] if weight_t else str(x.name)
+        problem = None
+        if weight_t is None or (bias_arg is not None and bias_t is None):
+            problem = f"the weights of '{producer}' are computed in the graph, not stored"
+        elif attr_users[weight_t] > 1 or (bias_t and attr_users[bias_t] > 1):
+            problem = f"'{producer}' is called (or its weights read) at more than one place"
+        elif len(x.users) > 1:
+            problem = f"the output of '{producer}' has {len(x.users)} consumers"
+        if problem is None:
+            weight = _get_attr(gm, weight_t)
+            if not weight.is_floating_point():
+                problem = f"non-float dtype: '{producer}'.weight is {weight.dtype}"
+        if problem is None:
+            out_channels = weight.shape[1] * layer.groups if layer.kind == "convT" else weight.shape[0]
+            layer.out_channels = out_channels
+            if out_channels != scale.numel():
+                problem = f"'{producer}' has {out_channels} output channels, the norm {scale.numel()}"
+            else:
+                problem = _layout_problem(layer, x, None, scale.numel(), f"out of '{producer}'")
+        if problem is not None:
+            report.unfolded.append({"norm": name, "reason": problem})
+            continue
+        if weight_t not in masters:
+            bias = _get_attr(gm, bias_t) if bias_t else None
+            masters[weight_t] = (_Master(weight, bias, layer), x)
+        masters[weight_t][0].fold_output(scale, shift)
+        for out in out_nodes:
+            out.replace_all_uses_with(x)
+        for out in out_nodes:
+            if out is not node:
+                graph.erase_node(out)
+        graph.erase_node(node)
+        for a in (gamma, beta, mean, var):
+            if attr_target(a):
+                folded_attrs.append(a.target)
+        report.folded.append({"norm": name, "into": producer})
+
+    for weight_t, (m, conv_node) in masters.items():
+        owner_path, _, leaf = weight_t.rpartition(".")
+        owner = _get_attr(gm, owner_path) if owner_path else gm
+        weight = getattr(owner, leaf)
+        setattr(owner, leaf, _rounded(m.weight, weight, weight.requires_grad))
+        bias_arg = conv_node.args[2] if len(conv_node.args) > 2 else conv_node.kwargs.get("bias")
+        if isinstance(bias_arg, fx.Node):
+            b_owner_path, _, b_leaf = bias_arg.target.rpartition(".")
+            b_owner = _get_attr(gm, b_owner_path) if b_owner_path else gm
+            old = getattr(b_owner, b_leaf)
+            setattr(b_owner, b_leaf, _rounded(m.bias, old, old.requires_grad))
+        else:
+            bias_leaf = "bias" if not hasattr(owner, "bias") else f"{leaf}_folded_bias"
+            owner.register_parameter(bias_leaf, _rounded(m.bias, weight, weight.requires_grad))
+            with graph.inserting_before(conv_node):
+                bias_node = graph.get_attr(f"{owner_path}.{bias_leaf}" if owner_path else bias_leaf)
+            args = list(conv_node.args)
+            if len(args) > 2:
+                args[2] = bias_node
+                conv_node.args = tuple(args)
+            elif "bias" in conv_node.kwargs or len(args) < 2:
+                conv_node.kwargs = {**conv_node.kwargs, "bias": bias_node}
+            else:
+                conv_node.args = (*args, bias_node)
+
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and node.target.rsplit(".", 1)[0] in {
+                t.rsplit(".", 1)[0] for t in folded_attrs}:
+            graph.erase_node(node)
+    for norm in {t.rsplit(".", 1)[0] for t in folded_attrs}:
+        _drop_norm_state(gm, norm)
+    graph.lint()
+    gm.recompile()
+    _report_uncalled_export(model, seen_norms, report)
+    return gm
+
+
+def _drop_norm_state(gm: nn.Module, norm: str) -> None:
+    """Remove a folded norm's tensors from the exported module, and the module itself once empty."""
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    owner_path, _, leaf = norm.rpartition(".")
+    try:
+        module = _get_attr(gm, norm)
+    except AttributeError:
+        return
+    for attr in [k for k, _ in module.named_parameters(recurse=False)] + \
+            [k for k, _ in module.named_buffers(recurse=False)]:
+        if f"{norm}.{attr}" not in still_read:
+            delattr(module, attr)
+    if not list(module.parameters()) and not list(module.buffers()) and not list(module.children()):
+        owner = _get_attr(gm, owner_path) if owner_path else gm
+        delattr(owner, leaf)
+
+
+def _stack_name(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _report_uncalled_export(model: nn.Module, seen: set, report: FoldReport) -> None:
+    for name, module in model.named_modules():
+        if name and name not in seen and is_foldable_norm(module):
+            reason = ("the torch.export fallback folds only BatchNorm and InstanceNorm ops"
+                      if not isinstance(module, _BatchNorm) else "forward() never calls it; left as is")
+            report.unfolded.append({"norm": name, "reason": reason})
+
+
+def _export(model: nn.Module, example_inputs: tuple):
+    """torch.export with a symbolic batch dimension where the model allows it, else static shapes."""
+    from torch.export import Dim
+
+    dynamic = tuple({0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+                    for t in example_inputs)
+    try:
+        return torch.export.export(model, example_inputs, dynamic_shapes=dynamic)
+    except Exception:
+        return torch.export.export(model, example_inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fold_batchnorm(
+    model: nn.Module,
+    inplace: bool = False,
+    example_inputs: Union[torch.Tensor, Sequence[Any], None] = None,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every eval-mode per-channel affine norm into the conv/linear next to it, where that is exact.
+
+    Returns ``(folded_model, report)``. The model must be in eval mode. ``inplace=False`` (default) works on
+    a deep copy; with ``inplace=True`` the original's layers are changed and it must not be used afterwards.
+    ``example_inputs`` (a tensor or a tuple of positional inputs) lets the fold check tensor ranks (needed to
+    fold around a Linear) and is the fallback's input when torch.fx cannot trace the model: then the model
+    is exported with torch.export and folded on that graph (``report.method == "export"``).
+    The folded model is a ``torch.fx.GraphModule`` with the original's call signature; the folded norms are
+    gone from its ``named_modules()``.
+    """
+    in_training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if in_training:
+        shown = ", ".join(f"'{n}'" for n in in_training[:3]) + (" ..." if len(in_training) > 3 else "")
+        raise NormcliError(f"cannot fold a model in training mode ({shown}): BatchNorm then uses batch "
+                           "statistics; call model.eval() first")
+    if example_inputs is not None:
+        example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:
+            raise NormcliError(f"cannot copy the model to fold it ({exc}); pass inplace=True to fold the "
+                               "model itself") from exc
+    report = FoldReport()
+    try:
+        folded = _fold_fx(model, example_inputs, report)
+        report.method = "fx"
+        return folded, report
+    except Exception as exc:
+        fx_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    report = FoldReport()
+    if example_inputs is None:
+        why = f"torch.fx could not trace the model ({fx_error}); pass example_inputs to fold via torch.export"
+        return model, _nothing_folded(model, why)
+    try:
+        folded = _fold_export(model, example_inputs, report)
+    except Exception as exc:
+        export_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        why = f"torch.fx could not trace the model ({fx_error}) and torch.export failed too ({export_error})"
+        return model, _nothing_folded(model, why)
+    report.method = "export"
+    report.note = f"torch.fx could not trace the model ({fx_error}); folded on its torch.export graph"
+    return folded, report
+
+
+def _nothing_folded(model: nn.Module, why: str) -> FoldReport:
+    report = FoldReport(method="none", note=why)
+    for name, module in model.named_modules():
+        if is_foldable_norm(module):
+            report.unfolded.append({"norm": name, "reason": f"not folded: {why}"})
+    return report

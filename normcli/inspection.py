@@ -1,0 +1,331 @@
+"""Find every norm layer in a checkpoint, summarise its statistics and flag what is wrong with them.
+
+Plain numpy: inspecting a safetensors or ONNX file never imports torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from normcli.errors import NormcliError
+
+SEVERITIES = ("error", "warning", "info")
+FINDING_SEVERITY = {
+    "non-finite": "error",
+    "negative-var": "error",
+    "stale-stats": "error",
+    "tiny-var": "warning",
+    "dead-channels": "warning",
+    "fp16-overflow": "warning",
+    "mixed-tracking": "warning",
+}
+FP16_MAX = 65504.0
+
+# Norm classes by name (last component of the class path) -> kind reported.
+NORM_CLASSES = {
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
+    "LazyBatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm",
+    "RMSNorm", "FrozenBatchNorm2d", "FrozenBatchNorm", "FilterResponseNorm1d", "FilterResponseNorm2d",
+    "FilterResponseNorm3d", "MABN2d", "LocalResponseNorm",
+}
+_INSTANCE_NORMS = {"InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a statistic counts as a problem. Defaults are documented in the README."""
+
+    eps: float = 1e-5            # the norm's eps when the file does not record it (BatchNorm's default)
+    tiny_var_ratio: float = 1.0  # running_var < ratio * eps: eps, not the data, sets the channel's scale
+    dead_weight: float = 1e-8    # |weight| at or below this: the channel's output is constant
+    fp16_max: float = FP16_MAX   # |weight / sqrt(var + eps)| or |folded bias| above this overflows fp16
+
+
+@dataclass
+class Stats:
+    min: float
+    mean: float
+    max: float
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str
+    message: str
+    channels: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NormLayer:
+    name: str
+    kind: str
+    inferred: bool
+    num_features: int
+    num_batches_tracked: int | None
+    running_mean: Stats | None
+    running_var: Stats | None
+    weight: Stats | None
+    bias: Stats | None
+    findings: list[Finding] = field(default_factory=list)
+    eps: float | None = None
+    values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per-channel arrays
+
+
+@dataclass
+class InspectReport:
+    path: str
+    format: str
+    layers: list[NormLayer]
+    state_dict_key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        kinds = Counter(layer.kind for layer in self.layers)
+        sev = Counter(f.severity for layer in self.layers for f in layer.findings)
+        return {"layers": len(self.layers), "kinds": dict(sorted(kinds.items())),
+                **{s: sev.get(s, 0) for s in SEVERITIES}}
+
+    def worst_severity(self) -> str | None:
+        present = {f.severity for layer in self.layers for f in layer.findings}
+        return next((s for s in SEVERITIES if s in present), None)
+
+
+def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
+                 key: str | None = None, thresholds: Thresholds | None = None,
+                 unsafe_load: bool = False) -> InspectReport:
+    """Inspect the norm layers of any file normcli reads. With ``arch``, kinds come from the built model."""
+    from normcli.formats import detect_format
+
+    thresholds = thresholds or Thresholds()
+    fmt = detect_format(path)
+    if fmt == "onnx":
+        if arch is not None:
+            raise NormcliError("--arch does not apply to ONNX files; drop it")
+        from normcli.onnx_reader import read_onnx_norms
+
+        layers = read_onnx_norms(path)
+        for layer in layers:
+            layer.findings = layer_findings(layer, thresholds)
+        return InspectReport(str(path), "onnx", layers)
+    if arch is not None or (unsafe_load and fmt in ("torchscript", "pt2")):
+        from normcli.loading import load_model, module_tensor_file
+
+        loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, unsafe_load=unsafe_load, key=key)
+        tf = module_tensor_file(loaded)
+    else:
+        from normcli.reader import read_tensors
+
+        tf = read_tensors(path, key=key)
+    layers = find_norm_layers(tf.tensors, tf.module_types, getattr(tf, "module_eps", {}))
+    add_findings(layers, thresholds)
+    notes = []
+    if tf.stripped_prefixes:
+        notes.append("removed key prefixes " + ", ".join(repr(s) for s in tf.stripped_prefixes))
+    if tf.other_state_dicts:
+        notes.append("also holds " + ", ".join(tf.other_state_dicts) + " (choose with --key)")
+    return InspectReport(str(path), tf.format, layers, state_dict_key=tf.state_dict_key, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------ layer discovery
+
+def _class_name(qualname: str | None) -> str | None:
+    return qualname.rsplit(".", 1)[-1] if qualname else None
+
+
+def _infer_kind(names: set[str]) -> str | None:
+    if {"running_var", "buffer_x2", "buffer_gz"} <= names:
+        return "MABN2d"
+    if {"running_mean", "running_var"} <= names:
+        return "BatchNorm" if "num_batches_tracked" in names else "FrozenBatchNorm"
+    if {"tau", "weight", "bias"} <= names:
+        return "FilterResponseNorm"
+    return None
+
+
+def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | None = None,
+                     module_eps: dict[str, float] | None = None) -> list[NormLayer]:
+    """Group a state dict's tensors by module and keep the modules that are norm layers.
+
+    ``tensors`` maps names to objects with ``load() -> np.ndarray``, ``shape`` and ``ndim``; only the
+    norm layers' tensors are ever loaded.
+    """
+    module_types = module_types or {}
+    module_eps = module_eps or {}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        groups.setdefault(module, {})[leaf] = t
+    layers = []
+    for module, members in groups.items():
+        names = set(members)
+        cls = _class_name(module_types.get(module))
+        inferred = _infer_kind(names)
+        if cls in NORM_CLASSES:
+            if cls in _INSTANCE_NORMS and "running_mean" not in names:
+                continue  # instance norm without running statistics has nothing to inspect
+            kind, is_inferred = cls, False
+        elif inferred is not None:
+            kind, is_inferred = inferred, True
+        elif cls is None and _looks_like_affine_norm(members):
+            kind, is_inferred = "AffineNorm", True
+        else:
+            continue
+        layers.append(_make_layer(module, kind, is_inferred, members, module_eps.get(module)))
+    return layers
+
+
+def _looks_like_affine_norm(members: dict[str, Any]) -> bool:
+    # weight and bias, both per-channel vectors of one length and nothing else: GroupNorm, LayerNorm or a
+    # BatchNorm with track_running_stats=False, seen without class names
+    if set(members) != {"weight", "bias"}:
+        return False
+    w, b = members["weight"], members["bias"]
+    return w.ndim == 1 and b.ndim == 1 and w.shape == b.shape and _is_float(w)
+
+
+def _is_float(t: Any) -> bool:
+    return str(getattr(t, "dtype", "")).replace("torch.", "") in ("float32", "float64", "float16", "bfloat16")
+
+
+def _load_vector(t: Any) -> np.ndarray | None:
+    if t is None:
+        return None
+    a = np.asarray(t.load(), dtype=np.float64)
+    return a.reshape(-1)
+
+
+def _make_layer(name: str, kind: str, inferred: bool, members: dict[str, Any], eps: float | None) -> NormLayer:
+    values = {k: _load_vector(members.get(k)) for k in ("running_mean", "running_var", "weight", "bias")
+              if members.get(k) is not None}
+    nbt = members.get("num_batches_tracked", members.get("iters"))
+    num_batches = None
+    if nbt is not None:
+        arr = nbt.load()
+        num_batches = int(np.asarray(arr).reshape(-1)[0]) if np.asarray(arr).size else None
+    num_features = next((v.size for v in values.values() if v is not None), 0)
+    return NormLayer(name=name, kind=kind, inferred=inferred, num_features=int(num_features),
+                     num_batches_tracked=num_batches,
+                     running_mean=_stats(values.get("running_mean")), running_var=_stats(values.get("running_var")),
+                     weight=_stats(values.get("weight")), bias=_stats(values.get("bias")),
+                     eps=eps, values=values)
+
+
+def _stats(a: np.ndarray | None) -> Stats | None:
+    if a is None or a.size == 0:
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        return Stats(float(np.min(a)), float(np.mean(a)), float(np.max(a)))
+
+
+# ----------------------------------------------------------------------------------------------- findings
+
+def add_findings(layers: list[NormLayer], thresholds: Thresholds) -> None:
+    for layer in layers:
+        layer.findings = layer_findings(layer, thresholds)
+    _mixed_tracking(layers)
+
+
+def _channels(mask: np.ndarray) -> list[int]:
+    return [int(i) for i in np.flatnonzero(mask)]
+
+
+def _finding(code: str, message: str, channels: Iterable[int] = ()) -> Finding:
+    return Finding(code, FINDING_SEVERITY[code], message, list(channels))
+
+
+def _fmt_channels(ch: list[int], total: int) -> str:
+    shown = ", ".join(map(str, ch[:8])) + (", ..." if len(ch) > 8 else "")
+    return f"{len(ch)} of {total} channels ({shown})"
+
+
+def layer_findings(layer: NormLayer, t: Thresholds) -> list[Finding]:
+    """The problems one layer's statistics show; ``mixed-tracking`` needs all layers (see add_findings)."""
+    v = layer.values
+    mean, var, weight, bias = (v.get(k) for k in ("running_mean", "running_var", "weight", "bias"))
+    n = layer.num_features
+    eps = layer.eps if layer.eps is not None else t.eps
+    out: list[Finding] = []
+
+    bad = np.zeros(n, dtype=bool)
+    for arr in (mean, var, weight, bias):
+        if arr is not None and arr.size == n:
+            bad |= ~np.isfinite(arr)
+    if bad.any():
+        names = [k for k, arr in v.items() if arr is not None and arr.size and not np.isfinite(arr).all()]
+        out.append(_finding("non-finite", f"NaN or Inf in {', '.join(names)}: {_fmt_channels(_channels(bad), n)}",
+                            _channels(bad)))
+
+    if var is not None:
+        neg = var < 0
+        if neg.any():
+            out.append(_finding("negative-var", f"running_var is negative in {_fmt_channels(_channels(neg), n)} "
+                                f"(min {np.nanmin(var):.3g}); a variance cannot be negative, the statistics are "
+                                "corrupt", _channels(neg)))
+        tiny = (var >= 0) & (var < t.tiny_var_ratio * eps)
+        if tiny.any():
+            out.append(_finding("tiny-var", f"running_var below {t.tiny_var_ratio:g} x eps ({eps:g}) in "
+                                f"{_fmt_channels(_channels(tiny), n)}: eps, not the data, sets their scale and "
+                                "small input changes are amplified up to 1/sqrt(eps)", _channels(tiny)))
+
+    if mean is not None and var is not None and n and np.all(mean == 0) and np.all(var == 1) \
+            and not layer.num_batches_tracked:
+        out.append(_finding("stale-stats", "running statistics are the initial values (mean 0, var 1) and no "
+                            "batch was tracked: the layer never saw data in train mode, eval output will be wrong",
+                            range(n)))
+
+    if weight is not None:
+        dead = np.abs(weight) <= t.dead_weight
+        if dead.any():
+            out.append(_finding("dead-channels", f"|weight| <= {t.dead_weight:g} in "
+                                f"{_fmt_channels(_channels(dead), n)}: these channels output a constant",
+                                _channels(dead)))
+
+    if var is not None:
+        with np.errstate(all="ignore"):
+            scale = (weight if weight is not None else 1.0) / np.sqrt(var + eps)
+            folded_bias = (bias if bias is not None else 0.0) - (mean if mean is not None else 0.0) * scale
+            over = np.isfinite(scale) & (np.abs(scale) > t.fp16_max)
+            over |= np.isfinite(folded_bias) & (np.abs(folded_bias) > t.fp16_max)
+        over &= var >= 0
+        if over.any():
+            worst = float(np.nanmax(np.abs(np.where(over, np.maximum(np.abs(scale), np.abs(folded_bias)), 0))))
+            out.append(_finding("fp16-overflow", f"folded scale or bias exceeds the fp16 range ({t.fp16_max:g}) in "
+                                f"{_fmt_channels(_channels(over), n)} (up to {worst:.3g}); folding and running in "
+                                "half precision gives inf", _channels(over)))
+    return out
+
+
+def _mixed_tracking(layers: list[NormLayer]) -> None:
+    tracked = [layer for layer in layers if layer.num_batches_tracked is not None and layer.kind != "MABN2d"]
+    counts = Counter(layer.num_batches_tracked for layer in tracked)
+    if len(counts) < 2:
+        return
+    common, _ = counts.most_common(1)[0]
+    for layer in tracked:
+        if layer.num_batches_tracked != common:
+            layer.findings.append(_finding(
+                "mixed-tracking", f"num_batches_tracked is {layer.num_batches_tracked} here but {common} in "
+                f"{counts[common]} other layers: this layer was trained (or frozen) differently"))
+
+
+def select_layers(layers: list[NormLayer], pattern: str) -> list[NormLayer]:
+    """Layers whose name matches the glob ``pattern``."""
+    return [layer for layer in layers if fnmatch.fnmatchcase(layer.name, pattern)]
+
+
+def fails(report: InspectReport, fail_on: str) -> bool:
+    """Whether findings reach the ``--fail-on`` level (error, warning or never)."""
+    if fail_on == "never":
+        return False
+    worst = report.worst_severity()
+    if worst is None:
+        return False
+    return SEVERITIES.index(worst) <= SEVERITIES.index(fail_on)

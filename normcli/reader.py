@@ -1,0 +1,533 @@
+"""Read the tensors and module class names of any checkpoint, without torch and without running its code.
+
+``read_tensors(path)`` returns a :class:`TensorFile`: the state dict found in the file (names -> lazily read
+arrays), the class of each module where the file names it, and the globals a real unpickler would have
+imported. Tensor bytes are memory-mapped and read only when a caller loads that tensor, so inspecting a
+multi-GB checkpoint touches only the norm layers' few kilobytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normcli.errors import NormcliError
+from normcli.formats import LEGACY_MAGIC, check_readable, detect_format, read_safetensors_header, zip_prefix
+from normcli.safe_pickle import (LazyArray, Placeholder, SafeUnpickler, StorageRef, element_size,
+                                 storage_from_pid, _numpy_dtype)
+
+# Where training frameworks keep the weights, in the order we prefer them.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights",
+                   "params", "model_state", "state_dict_ema", "model_ema", "ema_state_dict", "ema")
+# Prefixes wrappers add to every key: DataParallel/DDP, torch.compile, Lightning's `self.model`.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# torch._export.serde.schema.ScalarType
+PT2_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32",
+              8: "float64", 12: "bool", 13: "bfloat16"}
+
+
+@dataclass
+class TensorFile:
+    """What a checkpoint holds, as far as it can be known without running it."""
+
+    path: str
+    format: str                 # state-dict | checkpoint | full-pickle | torchscript | pt2 | safetensors
+    container: str              # torch-zip | torch-legacy | torchscript | pt2 | safetensors
+    tensors: dict[str, LazyArray]
+    module_types: dict[str, str] = field(default_factory=dict)   # module name -> class qualname
+    module_eps: dict[str, float] = field(default_factory=dict)    # module name -> eps, where recorded
+    state_dict_key: str | None = None
+    stripped_prefixes: list[str] = field(default_factory=list)
+    unsafe_globals: list[str] = field(default_factory=list)
+    other_state_dicts: list[str] = field(default_factory=list)   # e.g. an EMA copy next to the chosen one
+
+
+def read_tensors(path: str | os.PathLike, key: str | None = None) -> TensorFile:
+    """Read the state dict in ``path`` (any torch/safetensors format). ``key`` picks a nested entry."""
+    p = check_readable(path)
+    fmt = detect_format(p)
+    try:
+        if fmt == "safetensors":
+            return _read_safetensors(p)
+        if fmt == "pt2":
+            return _read_pt2(p)
+        if fmt == "onnx":
+            raise NormcliError(f"{p} is an ONNX model; it holds no PyTorch state dict "
+                               "(normcli inspect reads it; swap and fuse-export need a PyTorch checkpoint)")
+        if fmt == "torch-legacy":
+            root, unpickler = _unpickle_legacy(p)
+        else:
+            root, unpickler = _unpickle_zip(p)
+    except NormcliError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, ValueError, KeyError,
+            IndexError, TypeError, AttributeError, RecursionError, OverflowError, MemoryError, OSError) as e:
+        raise NormcliError(f"{p}: cannot read the {fmt} file ({type(e).__name__}: {e}); "
+                           "it is truncated or corrupt") from None
+    tf = _interpret(p, root, "torchscript" if fmt == "torchscript" else fmt, key)
+    tf.unsafe_globals = unpickler.unsafe_globals
+    return tf
+
+
+# ----------------------------------------------------------------------------------------------- containers
+
+class _MappedFile:
+    """A read-only memory map of the whole file; arrays are views into it (pages read on first touch)."""
+
+    def __init__(self, p: Path):
+        self.size = p.stat().st_size
+        with open(p, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def array(self, offset: int, dtype: str, count: int) -> np.ndarray:
+        nbytes = count * element_size(dtype)
+        if offset < 0 or offset + nbytes > self.size:
+            raise NormcliError("a tensor's data lies outside the file; the file is truncated or corrupt")
+        return np.frombuffer(self.mm, dtype=_numpy_dtype(dtype), count=count, offset=offset)
+
+
+def _zip_entries(p: Path, z: zipfile.ZipFile, mf: _MappedFile) -> dict[str, tuple[int, int]]:
+    """name -> (data offset in the file, size) for entries stored uncompressed, as torch writes them."""
+    out = {}
+    for info in z.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            continue
+        off = info.header_offset
+        if off + 30 > mf.size:
+            raise NormcliError(f"{p}: zip entry {info.filename} lies outside the file; the file is truncated")
+        name_len, extra_len = struct.unpack("<HH", mf.mm[off + 26:off + 30])
+        start = off + 30 + name_len + extra_len
+        if start + info.file_size > mf.size:
+            raise NormcliError(f"{p}: zip entry {info.filename} lies outside the file; the file is truncated")
+        out[info.filename] = (start, info.file_size)
+    return out
+
+
+def _entry_reader(p: Path, z: zipfile.ZipFile, mf: _MappedFile, entries: dict, folder: str):
+    def read(ref: StorageRef) -> np.ndarray:
+        name = f"{folder}{ref.key}"
+        if name in entries:
+            start, size = entries[name]
+            if ref.numel * element_size(ref.dtype) > size:
+                raise NormcliError(f"{p}: storage {ref.key} is shorter than its tensors say; the file is corrupt")
+            return mf.array(start, ref.dtype, ref.numel)
+        try:  # compressed entry (a re-zipped file): read it whole, bounded by what the pickle declared
+            with z.open(name) as f:
+                raw = f.read(ref.numel * element_size(ref.dtype))
+        except KeyError:
+            raise NormcliError(f"{p}: storage {ref.key} is missing from the archive; the file is corrupt") from None
+        if len(raw) < ref.numel * element_size(ref.dtype):
+            raise NormcliError(f"{p}: storage {ref.key} is shorter than its tensors say; the file is corrupt")
+        return np.frombuffer(raw, dtype=_numpy_dtype(ref.dtype), count=ref.numel)
+    return read
+
+
+def _unpickle_zip(p: Path) -> tuple[Any, SafeUnpickler]:
+    mf = _MappedFile(p)
+    z = zipfile.ZipFile(p)
+    names = z.namelist()
+    prefix = zip_prefix(names)
+    entries = _zip_entries(p, z, mf)
+    reader = _entry_reader(p, z, mf, entries, f"{prefix}data/")
+    with z.open(f"{prefix}data.pkl") as f:
+        if z.getinfo(f"{prefix}data.pkl").file_size > 512 * 1024 * 1024:
+            raise NormcliError(f"{p}: data.pkl is implausibly large; refusing to read it")
+        data = f.read()
+    storages: dict[str, StorageRef] = {}
+
+    def persistent_load(pid):
+        ref = storage_from_pid(pid, reader)
+        return storages.setdefault(ref.key, ref)
+
+    unpickler = SafeUnpickler(io.BytesIO(data), persistent_load)
+    return unpickler.load(), unpickler
+
+
+def _unpickle_legacy(p: Path) -> tuple[Any, SafeUnpickler]:
+    mf = _MappedFile(p)
+    f = _MMapReader(mf.mm)
+    if SafeUnpickler(f).load() != LEGACY_MAGIC:
+        raise NormcliError(f"{p}: not a torch legacy file (bad magic number)")
+    SafeUnpickler(f).load()  # protocol version
+    SafeUnpickler(f).load()  # sys info
+    storages: dict[str, StorageRef] = {}
+    offsets: dict[str, int] = {}
+
+    def read(ref: StorageRef) -> np.ndarray:
+        return mf.array(offsets[ref.key], ref.dtype, ref.numel)
+
+    def persistent_load(pid):
+        ref = storage_from_pid(pid, read)
+        if len(pid) > 5 and pid[5] is not None:
+            raise pickle.UnpicklingError("legacy storage views are not supported")
+        return storages.setdefault(ref.key, ref)
+
+    unpickler = SafeUnpickler(f, persistent_load)
+    root = unpickler.load()
+    keys = SafeUnpickler(f).load()
+    if not isinstance(keys, list):
+        raise pickle.UnpicklingError("storage key list missing")
+    pos = f.tell()
+    for key in keys:
+        if pos + 8 > mf.size:
+            raise NormcliError(f"{p}: the file ends inside its tensor data; it is truncated")
+        (count,) = struct.unpack("<q", mf.mm[pos:pos + 8])
+        ref = storages.get(str(key))
+        if ref is None:
+            raise pickle.UnpicklingError(f"unknown storage {key}")
+        nbytes = count * element_size(ref.dtype)
+        if count != ref.numel or pos + 8 + nbytes > mf.size:
+            raise NormcliError(f"{p}: the file ends inside its tensor data; it is truncated")
+        offsets[str(key)] = pos + 8
+        pos += 8 + nbytes
+    return root, unpickler
+
+
+class _MMapReader(io.RawIOBase):
+    """A file object over an mmap that the unpickler can read and that reports its position."""
+
+    def __init__(self, mm: mmap.mmap):
+        self.mm = mm
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.mm) if n is None or n < 0 else min(len(self.mm), self.pos + n)
+        out = self.mm[self.pos:end]
+        self.pos = end
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def readline(self, size: int = -1) -> bytes:
+        end = self.mm.find(b"\n", self.pos)
+        end = len(self.mm) if end < 0 else end + 1
+        if size is not None and size >= 0:
+            end = min(end, self.pos + size)
+        out = self.mm[self.pos:end]
+        self.pos = end
+        return out
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _read_safetensors(p: Path) -> TensorFile:
+    header, start = read_safetensors_header(p)
+    mf = _MappedFile(p)
+    data_size = mf.size - start
+    tensors: dict[str, LazyArray] = {}
+    spans = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = tuple(int(s) for s in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise NormcliError(f"{p}: safetensors entry {name!r} has a malformed or unsupported description") \
+                from None
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if any(s < 0 for s in shape) or not 0 <= begin <= end <= data_size or end - begin != numel * element_size(dtype):
+            raise NormcliError(f"{p}: safetensors entry {name!r} claims bytes {begin}..{end} that do not fit its "
+                               f"shape {list(shape)} or the file ({data_size} data bytes); the file is corrupt")
+        spans.append((begin, end, name))
+        ref = StorageRef(name, dtype, numel, lambda r, off=start + begin: mf.array(off, r.dtype, r.numel))
+        tensors[name] = LazyArray(ref, 0, shape, _contiguous_strides(shape), dtype)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise NormcliError(f"{p}: safetensors entries {n0!r} and {n1!r} overlap; the file is corrupt")
+    sd, stripped = _strip_wrapper_prefixes(tensors)
+    return TensorFile(str(p), "safetensors", "safetensors", sd, stripped_prefixes=stripped)
+
+
+def _read_pt2(p: Path) -> TensorFile:
+    """A torch.export archive: weights are raw entries described by JSON; module classes by node metadata."""
+    mf = _MappedFile(p)
+    z = zipfile.ZipFile(p)
+    names = z.namelist()
+    prefix = zip_prefix(names)
+    entries = _zip_entries(p, z, mf)
+    cfg_name = f"{prefix}data/weights/model_weights_config.json"
+    if cfg_name not in names:
+        raise NormcliError(f"{p}: torch.export archive without a weights description; this archive version is "
+                           "not supported")
+    config = json.loads(z.read(cfg_name)).get("config", {})
+    tensors: dict[str, LazyArray] = {}
+    unsafe: list[str] = []
+    for fqn, meta in config.items():
+        entry = f"{prefix}data/weights/{meta['path_name']}"
+        tmeta = meta["tensor_meta"]
+        dtype = PT2_DTYPES.get(tmeta["dtype"])
+        if dtype is None:
+            continue
+        shape = tuple(int(s["as_int"]) for s in tmeta["sizes"])
+        stride = tuple(int(s["as_int"]) for s in tmeta["strides"])
+        offset = int(tmeta["storage_offset"]["as_int"])
+        if meta.get("use_pickle"):
+            # a torch.save'd tensor inside the archive: read it with the same safe unpickler
+            inner = _read_inner_pickle(p, z, entry, prefix)
+            tensors[fqn] = inner
+            continue
+        if entry not in entries:
+            raise NormcliError(f"{p}: weight {fqn} is missing from the archive; the file is corrupt")
+        start, size = entries[entry]
+        count = size // element_size(dtype)
+        ref = StorageRef(entry, dtype, count, lambda r, off=start: mf.array(off, r.dtype, r.numel))
+        tensors[fqn] = LazyArray(ref, offset, shape, stride, dtype)
+    module_types: dict[str, str] = {}
+    model_json = f"{prefix}models/model.json"
+    if model_json in names:
+        module_types = _pt2_module_types(json.loads(z.read(model_json)))
+    if f"{prefix}data/sample_inputs/model.pt" in names:
+        unsafe = _pickle_globals(z.read(f"{prefix}data/sample_inputs/model.pt"))
+    sd, stripped = _strip_wrapper_prefixes(tensors)
+    return TensorFile(str(p), "pt2", "pt2", sd, module_types=module_types, stripped_prefixes=stripped,
+                      unsafe_globals=unsafe)
+
+
+def _read_inner_pickle(p: Path, z: zipfile.ZipFile, entry: str, prefix: str) -> LazyArray:
+    raw = z.read(entry)
+    inner = zipfile.ZipFile(io.BytesIO(raw))
+    inner_prefix = zip_prefix(inner.namelist())
+    data = inner.read(f"{inner_prefix}data.pkl")
+
+    def read(ref: StorageRef) -> np.ndarray:
+        blob = inner.read(f"{inner_prefix}data/{ref.key}")
+        return np.frombuffer(blob, dtype=_numpy_dtype(ref.dtype), count=ref.numel)
+
+    value = SafeUnpickler(io.BytesIO(data), lambda pid: storage_from_pid(pid, read)).load()
+    if not isinstance(value, LazyArray):
+        raise NormcliError(f"{p}: weight entry {entry} does not hold a tensor")
+    return value
+
+
+def _pickle_globals(blob: bytes) -> list[str]:
+    """The globals a pickle (or a torch zip holding one) names, found by reading opcodes, never executing."""
+    import pickletools
+
+    if blob.startswith(b"PK"):
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            blob = z.read(pkl[0]) if pkl else b""
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _pos in pickletools.genops(blob):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a damaged pickle: report what was seen so far
+        pass
+    unpickler = SafeUnpickler(io.BytesIO(b""))
+    for g in found:
+        module, _, name = g.rpartition(".")
+        unpickler.find_class(module, name)
+    return unpickler.unsafe_globals
+
+
+def _pt2_module_types(model: dict) -> dict[str, str]:
+    types: dict[str, str] = {}
+    nodes = model.get("graph_module", {}).get("graph", {}).get("nodes", [])
+    for node in nodes:
+        stack = (node.get("metadata") or {}).get("nn_module_stack", "")
+        for item in stack.split(";") if stack else []:
+            parts = item.split(",")
+            if len(parts) >= 3:
+                path, cls = parts[1], parts[-1]
+                if path:
+                    types.setdefault(_clean_module_path(path), cls)
+    return types
+
+
+def _clean_module_path(path: str) -> str:
+    # torch.export writes paths like "layer1.0.bn1" or "L['self'].layer1[0]"; normalise the latter form
+    for a, b in (("L['self'].", ""), ("L__self__.", ""), ("['", "."), ("']", ""), ("[", "."), ("]", "")):
+        path = path.replace(a, b)
+    return path.strip(".")
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+# ------------------------------------------------------------------------------------- finding the weights
+
+def _is_module(obj: Any) -> bool:
+    state = obj._state if isinstance(obj, Placeholder) else None
+    return isinstance(state, dict) and "_modules" in state and ("_parameters" in state or "_buffers" in state)
+
+
+def _is_script_module(obj: Any) -> bool:
+    return isinstance(obj, Placeholder) and obj.qualname.startswith("__torch__.")
+
+
+def _tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and \
+        all(isinstance(k, str) for k in obj) and all(isinstance(v, LazyArray) for v in obj.values())
+
+
+def _interpret(p: Path, root: Any, container: str, key: str | None) -> TensorFile:
+    if container == "torchscript":
+        if not _is_script_module(root):
+            raise NormcliError(f"{p}: TorchScript archive without a module; the file is corrupt")
+        tensors: dict[str, LazyArray] = {}
+        types: dict[str, str] = {}
+        eps: dict[str, float] = {}
+        _walk_script(root, "", tensors, types, eps, depth=0)
+        return TensorFile(str(p), "torchscript", "torchscript", tensors, module_types=types, module_eps=eps)
+    if key is not None:
+        return _from_key(p, root, container, key)
+    if _is_module(root):
+        return _from_module(p, root, container, None)
+    if _tensor_dict(root):
+        sd, stripped = _strip_wrapper_prefixes(dict(root))
+        return TensorFile(str(p), "state-dict", container, sd, stripped_prefixes=stripped)
+    if isinstance(root, dict):
+        candidates = [k for k in STATE_DICT_KEYS if k in root and (_tensor_dict(root[k]) or _is_module(root[k]))]
+        others = [k for k in candidates[1:]]
+        if candidates:
+            tf = _from_key(p, root, container, candidates[0])
+            tf.other_state_dicts = others
+            return tf
+        found = _largest_tensor_dict(root, "", depth=0)
+        if found is not None:
+            return _from_key(p, root, container, found)
+    raise NormcliError(f"{p}: no state dict found in this {container} file (top level is "
+                       f"{_describe(root)}); if the weights are under an unusual key, pass --key")
+
+
+def _from_key(p: Path, root: Any, container: str, key: str) -> TensorFile:
+    obj = root
+    for part in key.split("/"):
+        if isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        else:
+            raise NormcliError(f"{p}: no entry {key!r} in the checkpoint; top-level keys: "
+                               f"{', '.join(map(str, list(root)[:12])) if isinstance(root, dict) else '-'}")
+    if _is_module(obj):
+        return _from_module(p, obj, container, key)
+    if not _tensor_dict(obj):
+        raise NormcliError(f"{p}: entry {key!r} is {_describe(obj)}, not a state dict")
+    sd, stripped = _strip_wrapper_prefixes(dict(obj))
+    return TensorFile(str(p), "checkpoint", container, sd, state_dict_key=key, stripped_prefixes=stripped)
+
+
+def _from_module(p: Path, module: Placeholder, container: str, key: str | None) -> TensorFile:
+    tensors: dict[str, LazyArray] = {}
+    types: dict[str, str] = {}
+    eps: dict[str, float] = {}
+    _walk_module(module, "", tensors, types, eps, depth=0)
+    return TensorFile(str(p), "full-pickle", container, tensors, module_types=types, module_eps=eps,
+                      state_dict_key=key)
+
+
+def _record_eps(state: dict, module: str, eps: dict) -> None:
+    value = state.get("eps")
+    if isinstance(value, float) and not isinstance(value, bool):
+        eps[module] = value
+
+
+def _walk_module(obj: Placeholder, prefix: str, tensors: dict, types: dict, eps: dict, depth: int) -> None:
+    if depth > 200:
+        raise NormcliError("module nesting is deeper than 200 levels; the file is corrupt or hostile")
+    types[prefix.rstrip(".")] = obj.qualname
+    state = obj._state
+    _record_eps(state, prefix.rstrip("."), eps)
+    skip = state.get("_non_persistent_buffers_set") or ()
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if isinstance(value, LazyArray) and not (group == "_buffers" and name in skip):
+                tensors[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if _is_module(child):
+            _walk_module(child, f"{prefix}{name}.", tensors, types, eps, depth + 1)
+
+
+def _walk_script(obj: Placeholder, prefix: str, tensors: dict, types: dict, eps: dict, depth: int) -> None:
+    if depth > 200:
+        raise NormcliError("module nesting is deeper than 200 levels; the file is corrupt or hostile")
+    types[prefix.rstrip(".")] = _script_class(obj.qualname)
+    state = obj._state if isinstance(obj._state, dict) else {}
+    _record_eps(state, prefix.rstrip("."), eps)
+    for name, value in state.items():
+        if isinstance(value, LazyArray):
+            tensors[prefix + str(name)] = value
+        elif _is_script_module(value):
+            _walk_script(value, f"{prefix}{name}.", tensors, types, eps, depth + 1)
+
+
+def _script_class(qualname: str) -> str:
+    parts = [s for s in qualname.split(".") if not s.startswith("___torch_mangle")]
+    if parts and parts[0] == "__torch__":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _largest_tensor_dict(obj: Any, path: str, depth: int) -> str | None:
+    best, best_n = None, 0
+    if depth > 6 or not isinstance(obj, dict):
+        return None
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            continue
+        sub = f"{path}/{k}" if path else k
+        if (_tensor_dict(v) and len(v) > best_n) or (_is_module(v) and best is None):
+            best, best_n = sub, len(v) if isinstance(v, dict) else best_n
+        elif isinstance(v, dict):
+            inner = _largest_tensor_dict(v, sub, depth + 1)
+            if inner is not None and best is None:
+                best = inner
+    return best
+
+
+def _strip_wrapper_prefixes(sd: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Remove `module.`/`model.` prefixes that every key shares, and `_orig_mod.` wherever it appears."""
+    stripped: list[str] = []
+    if any("_orig_mod." in k for k in sd):
+        sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+        stripped.append("_orig_mod.")
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped.append(prefix)
+                changed = True
+    return sd, stripped
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return f"a dict with keys {', '.join(map(str, list(obj)[:8]))}" if obj else "an empty dict"
+    if isinstance(obj, Placeholder):
+        return f"an object of class {obj.qualname}"
+    return f"a {type(obj).__name__}"
