@@ -11,6 +11,7 @@ Only the command bodies import this module, so torch is imported at the top.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -297,20 +298,28 @@ def _owner_counts(graph: fx.Graph) -> Counter:
             uses[node.target] += 1
         elif node.op == "get_attr":
             parts = node.target.split(".")
-            for i in range(len(parts)):
-                uses[".".join(parts[:i])] += 1 if i else 0
+            for end in range(1, len(parts)):  # every module that owns the tensor read
+                uses[".".join(parts[:end])] += 1
     return uses
 
 
-def _fold_fx(model: nn.Module, example_inputs: Optional[tuple], report: FoldReport) -> fx.GraphModule:
+def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _FoldTracer()
     graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tuple],
+             report: FoldReport) -> fx.GraphModule:
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*example_inputs)
+        except Exception as exc:
+            raise NormcliError(f"the model fails on the example inputs ({_first_line(exc)}); give inputs of "
+                               "the shape the model expects") from exc
     modules = dict(gm.named_modules())
     uses = _owner_counts(gm.graph)
     masters: dict[str, _Master] = {}
@@ -427,21 +436,20 @@ def _inside_norm(name: str, called: set) -> bool:
 # torch.export fallback
 
 
+def _overloads(name: str) -> set:
+    packet = getattr(torch.ops.aten, name)
+    return {getattr(packet, overload) for overload in packet.overloads()}
+
+
 def _export_layer(node: fx.Node) -> Optional[tuple[_Layer, int]]:
     """(layer, index of the bias argument) for an aten conv/linear call."""
     aten = torch.ops.aten
     target = node.target
-    for dims, ops in ((1, (aten.conv1d.default, aten.conv1d.padding)),
-                      (2, (aten.conv2d.default, aten.conv2d.padding)),
-                      (3, (aten.conv3d.default, aten.conv3d.padding))):
-        if target in ops:
-            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            return _Layer("conv", dims, int(groups), -1, -1), 2
-    for dims, op in ((1, aten.conv_transpose1d.input), (2, aten.conv_transpose2d.input),
-                     (3, aten.conv_transpose3d.input)):
-        if target == op:
-            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            return _Layer("convT", dims, int(groups), -1, -1), 2
+    for dims in (1, 2, 3):
+        for kind, name in (("conv", f"conv{dims}d"), ("convT", f"conv_transpose{dims}d")):
+            if target in _overloads(name):
+                groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+                return _Layer(kind, dims, int(groups), -1, -1), 2
     if target == aten.convolution.default:
         weight_rank = len(_shape(node.args[1]) or ()) or 4
         kind = "convT" if node.args[6] else "conv"
@@ -458,8 +466,7 @@ def _get_attr(gm: nn.Module, target: str):
     return obj
 
 
-def _fold_export(model: nn.Module, example_inputs: tuple, report: FoldReport) -> nn.Module:
-    ep = _export(model, example_inputs)
+def _fold_export(ep, model: nn.Module, report: FoldReport) -> nn.Module:
     gm = ep.module()
     aten = torch.ops.aten
     graph = gm.graph
@@ -492,7 +499,7 @@ def _fold_export(model: nn.Module, example_inputs: tuple, report: FoldReport) ->
             report.unfolded.append({"norm": name, "reason": "it normalises with each batch's own statistics"})
             continue
         if node.target != aten.batch_norm.default and any(
-                u.target is not __import__("operator").getitem or u.args[1] != 0 for u in out_nodes):
+                u.target is not operator.getitem or u.args[1] != 0 for u in out_nodes):
             report.unfolded.append({"norm": name, "reason": "its saved statistics are used by the graph"})
             continue
         params = {k: _get_attr(gm, attr_target(a)) if attr_target(a) else None
@@ -664,24 +671,30 @@ def fold_batchnorm(
                                "model itself") from exc
     report = FoldReport()
     try:
-        folded = _fold_fx(model, example_inputs, report)
+        traced = _trace(model)
+    except Exception as exc:  # any tracing failure: fall back below
+        fx_error = _first_line(exc)
+    else:
         report.method = "fx"
-        return folded, report
-    except Exception as exc:
-        fx_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    report = FoldReport()
+        return _fold_fx(traced, model, example_inputs, report), report
     if example_inputs is None:
         why = f"torch.fx could not trace the model ({fx_error}); pass example_inputs to fold via torch.export"
         return model, _nothing_folded(model, why)
     try:
-        folded = _fold_export(model, example_inputs, report)
+        exported = _export(model, example_inputs)
     except Exception as exc:
-        export_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        export_error = _first_line(exc)
         why = f"torch.fx could not trace the model ({fx_error}) and torch.export failed too ({export_error})"
         return model, _nothing_folded(model, why)
+    folded = _fold_export(exported, model, report)
     report.method = "export"
     report.note = f"torch.fx could not trace the model ({fx_error}); folded on its torch.export graph"
     return folded, report
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _nothing_folded(model: nn.Module, why: str) -> FoldReport:
