@@ -304,7 +304,9 @@ def layer_findings(layer: NormLayer, t: Thresholds) -> list[Finding]:
 
 
 def _mixed_tracking(layers: list[NormLayer]) -> None:
-    tracked = [layer for layer in layers if layer.num_batches_tracked is not None and layer.kind != "MABN2d"]
+    # a stale layer (never tracked) is already reported as such; MABN counts iterations, not batches
+    tracked = [layer for layer in layers if layer.num_batches_tracked is not None and layer.kind != "MABN2d"
+               and not any(f.code == "stale-stats" for f in layer.findings)]
     counts = Counter(layer.num_batches_tracked for layer in tracked)
     if len(counts) < 2:
         return

@@ -40,6 +40,8 @@ def read_onnx_norms(path: str | os.PathLike) -> list[NormLayer]:
     layers: list[NormLayer] = []
     for graph in graphs:
         for node in graph.node:
+            if node.op_type == "Identity" and node.input and node.input[0] in constants:
+                constants[node.output[0]] = constants[node.input[0]]  # exporters share equal initializers
             if node.op_type == "Constant":
                 for attr in node.attribute:
                     if attr.name == "value" and attr.HasField("t"):

@@ -1,0 +1,59 @@
+"""Shared fixtures: the sample files, and an in-process runner of the real CLI entry point."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``normcli ARGS`` through the real entry point (error mapping included); returns (code, out, err)."""
+    from normcli.cli import main
+
+    def run(*args: str):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def normcli_executable() -> list[str]:
+    exe = shutil.which("normcli", path=os.path.dirname(sys.executable)) or shutil.which("normcli")
+    return [exe] if exe else [sys.executable, "-m", "normcli"]
+
+
+@pytest.fixture
+def run_normcli():
+    """Run the installed ``normcli`` in a subprocess; returns CompletedProcess with text output."""
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([*normcli_executable(), *map(str, args)], capture_output=True, text=True,
+                              cwd=cwd or ROOT, env=full_env, timeout=timeout)
+
+    return run
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
