@@ -1,0 +1,122 @@
+"""Start-up and inspect benchmarks (issue: foundation).
+
+Each figure is the median of several runs interleaved with its baseline, `python -c "import torch"`, measured
+in the same run, because the machine is shared and noisy. Prints one row per bar:
+
+    python benchmarks/bench_inspect.py           # full: includes a 1.5 GB synthetic checkpoint
+    python benchmarks/bench_inspect.py --quick   # a 150 MB checkpoint and fewer repeats
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "_work"
+NORMCLI = [sys.executable, "-m", "normcli"]
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in MB and exit code of one run of ``cmd``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+def interleaved(cmd: list[str], baseline: list[str], repeats: int) -> tuple[float, float, float, int]:
+    """Median wall of cmd, median wall of baseline, max peak RSS of cmd (MB), and cmd's last exit code."""
+    ours, base, rss, code = [], [], 0.0, 0
+    timed(cmd), timed(baseline)  # warm the page cache for both
+    for _ in range(repeats):
+        w, r, code = timed(cmd)
+        ours.append(w)
+        rss = max(rss, r)
+        base.append(timed(baseline)[0])
+    return statistics.median(ours), statistics.median(base), rss, code
+
+
+def make_large_checkpoint(path: Path, gigabytes: float) -> None:
+    """A ResNet-shaped state dict whose conv weights fill ``gigabytes``; BN statistics are realistic."""
+    import torch
+
+    if path.exists() and path.stat().st_size >= gigabytes * 1e9 * 0.98:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    per_layer = 256 * 256 * 3 * 3 * 4  # bytes of one 256->256 3x3 conv weight
+    layers = max(1, int(gigabytes * 1e9 / per_layer / 4))
+    for i in range(layers):
+        # four convs per block keep the file large while the norm layers stay numerous
+        for j in range(4):
+            sd[f"blocks.{i}.conv{j}.weight"] = torch.randn(256, 256, 3, 3, generator=g)
+            sd[f"blocks.{i}.bn{j}.weight"] = torch.rand(256, generator=g) + 0.5
+            sd[f"blocks.{i}.bn{j}.bias"] = torch.randn(256, generator=g) * 0.1
+            sd[f"blocks.{i}.bn{j}.running_mean"] = torch.randn(256, generator=g)
+            sd[f"blocks.{i}.bn{j}.running_var"] = torch.rand(256, generator=g) + 0.1
+            sd[f"blocks.{i}.bn{j}.num_batches_tracked"] = torch.tensor(1000)
+    tmp = path.with_suffix(".partial")
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
+
+
+def run(quick: bool = False) -> list[dict]:
+    repeats = 3 if quick else 7
+    torch_import = [sys.executable, "-c", "import torch"]
+    rows = []
+
+    help_wall, torch_wall, _, code = interleaved([*NORMCLI, "--help"], torch_import, repeats)
+    assert code == 0
+    rows.append({"name": "normcli --help, wall (s)", "normcli": help_wall, "baseline": None, "ratio": None,
+                 "bar": "<= 0.3 s", "passed": help_wall <= 0.3})
+    rows.append({"name": "normcli --help / import torch", "normcli": help_wall, "baseline": torch_wall,
+                 "ratio": help_wall / torch_wall, "bar": "<= 0.25", "passed": help_wall / torch_wall <= 0.25})
+
+    size = 0.15 if quick else 1.6
+    big = WORK / f"large_{size:g}gb.pt"
+    # made in a child process: on Linux a child's peak RSS starts from its parent's at fork, so the
+    # parent must not hold torch when it spawns the measured runs
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                    "from bench_inspect import make_large_checkpoint as m; from pathlib import Path; "
+                    "m(Path(sys.argv[2]), float(sys.argv[3]))", str(Path(__file__).parent), str(big), str(size)],
+                   check=True)
+    wall, torch_wall, rss, code = interleaved([*NORMCLI, "inspect", str(big), "--json"], torch_import, repeats)
+    assert code == 0, f"inspect exited {code}"
+    gb = big.stat().st_size / 1e9
+    rows.append({"name": f"inspect {gb:.2f} GB checkpoint / import torch", "normcli": wall, "baseline": torch_wall,
+                 "ratio": wall / torch_wall, "bar": "<= 1.25", "passed": wall / torch_wall <= 1.25})
+    rows.append({"name": f"inspect {gb:.2f} GB checkpoint, peak RSS (MB)", "normcli": rss, "baseline": None,
+                 "ratio": None, "bar": "<= 350 MB", "passed": rss <= 350})
+
+    for sample in ("resnet_tiny.safetensors", "resnet_tiny.onnx"):
+        cmd = [sys.executable, "-c",
+               "import sys\nfrom normcli.cli import main\ntry:\n    main(['inspect', sys.argv[1], '--json'])\n"
+               "except SystemExit as e:\n    code = e.code\nsys.exit(3 if 'torch' in sys.modules else code)",
+               str(ROOT / "samples" / sample)]
+        wall, torch_wall, _, code = interleaved(cmd, torch_import, repeats)
+        rows.append({"name": f"inspect {sample}, wall (s); imports no torch", "normcli": wall,
+                     "baseline": torch_wall, "ratio": wall / torch_wall, "bar": "<= 0.6 s, no torch",
+                     "passed": wall <= 0.6 and code == 0})
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    print(f"{'measure':<58} {'normcli':>9} {'baseline':>9} {'ratio':>7}  {'bar':<20} result")
+    for r in rows:
+        print(f"{r['name']:<58} {fmt(r['normcli']):>9} {fmt(r['baseline']):>9} {fmt(r['ratio']):>7}  "
+              f"{r['bar']:<20} {'pass' if r['passed'] else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    print_rows(run(quick="--quick" in sys.argv))
