@@ -306,6 +306,11 @@ def _owner_counts(graph: fx.Graph) -> Counter:
 def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _FoldTracer()
     graph = tracer.trace(model)
+    for node in graph.nodes:
+        # annotations postponed by `from __future__ import annotations` arrive as strings, which fx cannot
+        # pickle (torch.save of the GraphModule fails); they change nothing the model computes
+        if isinstance(node.type, str):
+            node.type = None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -388,7 +393,11 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
                   and consumer.args[:1] == (node,) else None)
         layer = _layer_of_module(modules[target]) if target is not None else None
         if layer is None:
-            report.unfolded.append({"norm": name, "reason": first_reason})
+            if not first_reason.startswith("its input"):
+                report.unfolded.append({"norm": name, "reason": first_reason})
+            else:
+                report.unfolded.append({"norm": name, "reason": f"{first_reason}, nor does its output go "
+                                                                "straight into a conv or linear alone"})
             continue
         problem = layer_problem(target)
         if problem is None and layer.kind == "convT":
