@@ -118,11 +118,12 @@ def sparkline(values, width: int = 16) -> str:
 
 
 def render(report, detail: list) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = out_console
-    title = f"{report.path}  [{report.format}" + (f", weights under {report.state_dict_key!r}"
-                                                   if report.state_dict_key else "") + "]"
+    title = escape(f"{report.path}  [{report.format}" + (f", weights under {report.state_dict_key!r}"
+                                                          if report.state_dict_key else "") + "]")
     table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False, box=None)
     for col, kw in (("layer", {}), ("kind", {}), ("C", {"justify": "right"}), ("tracked", {"justify": "right"}),
                     ("running_mean", {}), ("running_var", {}), ("var per channel", {}), ("weight", {}),
@@ -134,7 +135,7 @@ def render(report, detail: list) -> None:
             color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
             codes.append(f"[{color}]{f.code}[/]")
         kind = x.kind + ("?" if x.inferred else "")
-        table.add_row(x.name or "(root)", kind, str(x.num_features),
+        table.add_row(escape(x.name or "(root)"), escape(kind), str(x.num_features),
                       "-" if x.num_batches_tracked is None else str(x.num_batches_tracked),
                       _range(x.running_mean), _range(x.running_var),
                       sparkline(x.values.get("running_var")), _range(x.weight), _range(x.bias),
@@ -145,11 +146,12 @@ def render(report, detail: list) -> None:
     findings = [(x, f) for x in report.layers for f in x.findings]
     for x, f in findings:
         color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
-        console.print(f"[{color}]{f.severity:<7}[/] {x.name} [bold]{f.code}[/]: {f.message}", soft_wrap=True)
+        console.print(f"[{color}]{f.severity:<7}[/] {escape(x.name)} [bold]{f.code}[/]: {escape(f.message)}",
+                      soft_wrap=True)
     s = report.summary
     kinds = ", ".join(f"{k} {n}" for k, n in s["kinds"].items()) or "none"
     for note in report.notes:
-        console.print(f"note: {note}", style="dim")
+        console.print(f"note: {escape(note)}", style="dim")
     console.print(f"{s['layers']} norm layers ({kinds}); {s['error']} errors, {s['warning']} warnings, "
                   f"{s['info']} info" + ("; '?' marks kinds inferred from buffer names" if any(
                       x.inferred for x in report.layers) else ""))
@@ -159,7 +161,9 @@ def _render_channels(console, x) -> None:
     import numpy as np
     from rich.table import Table
 
-    table = Table(title=f"{x.name} ({x.kind}, {x.num_features} channels)", title_justify="left",
+    from rich.markup import escape
+
+    table = Table(title=escape(f"{x.name} ({x.kind}, {x.num_features} channels)"), title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     cols = [k for k in ("running_mean", "running_var", "weight", "bias") if k in x.values]
     for col in ["ch", *cols, "scale", "flags"]:

@@ -1,0 +1,57 @@
+"""The README's commands are run here, so the docs cannot rot."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def block_after(marker: str) -> str:
+    m = re.search(rf"<!-- {marker} -->\s*```[^\n]*\n(.*?)\n```", README, re.S)
+    assert m, f"README has no block after <!-- {marker} -->"
+    return m.group(1).strip()
+
+
+def console_examples() -> list[tuple[str, list[str]]]:
+    """(command, expected output lines) for every ``$ normcli ...`` example."""
+    out = []
+    for block in re.findall(r"```\n(\$ normcli.*?)\n```", README, re.S):
+        lines = block.splitlines()
+        out.append((lines[0][2:], lines[1:]))
+    return out
+
+
+def shell(cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_start_main_job_succeeds():
+    cmd = block_after("quick-start")
+    assert "normcli inspect samples/" in cmd
+    proc = shell(cmd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "norm layers" in proc.stdout
+
+
+def test_test_command_is_what_ci_runs():
+    assert "pytest" in block_after("test-command")
+    assert "test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("command, expected", console_examples())
+def test_console_examples_match(command, expected):
+    proc = shell(command)
+    actual = [line.rstrip() for line in (proc.stdout + proc.stderr).splitlines()]
+    for line in expected:
+        if line.strip():
+            assert line.rstrip() in actual, f"README line not in today's output of {command!r}:\n{line}"
