@@ -584,27 +584,57 @@ def bn_before_conv(in_channels: int = 4, channels: int = 8, num_classes: int = 1
 # Small CNN for the small-batch training demo (1x8x8 digit images, 10 classes)
 # --------------------------------------------------------------------------------------------------------
 
-# norm name -> factory(num_features); other normalisations are added here, not by new if-branches
-SMALL_CNN_NORMS: dict[str, Callable[[int], nn.Module]] = {
+
+
+def _frn_tlu(num_features: int) -> tuple[nn.Module, nn.Module]:
+    # The TLU inside FRN is the activation: FRN + TLU replaces BatchNorm + ReLU together, so no ReLU follows.
+    from normcli.layers import FilterResponseNorm2d
+
+    return FilterResponseNorm2d(num_features), nn.Identity()
+
+
+def _mabn(num_features: int, B: int = 2, real_B: int = 32) -> nn.Module:
+    # B: the batch one training step sees; real_B: the batch whose statistics MABN emulates.
+    from normcli.layers import MABN2d
+
+    return MABN2d(num_features, B=B, real_B=real_B)
+
+
+# norm name -> factory(num_features, **norm_kwargs) returning the norm (a ReLU follows it) or a
+# (norm, activation) pair; other normalisations are added here, not by new if-branches
+SMALL_CNN_NORMS: dict[str, Callable[..., nn.Module | tuple[nn.Module, nn.Module]]] = {
     "bn": nn.BatchNorm2d,
+    "frn": _frn_tlu,
+    "mabn": _mabn,
 }
 
 
+def _norm_and_activation(
+    make_norm: Callable, num_features: int, norm_kwargs: dict
+) -> tuple[nn.Module, nn.Module]:
+    made = make_norm(num_features, **norm_kwargs)
+    return made if isinstance(made, tuple) else (made, nn.ReLU(inplace=True))
+
+
 class SmallCNN(nn.Module):
-    def __init__(self, norm: str = "bn", num_classes: int = 10, in_channels: int = 1, width: int = 16):
+    def __init__(
+        self,
+        norm: str = "bn",
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = 16,
+        norm_kwargs: dict | None = None,
+    ):
         super().__init__()
         if norm not in SMALL_CNN_NORMS:
             raise ValueError(f"unknown norm {norm!r} for small_cnn; choose one of {sorted(SMALL_CNN_NORMS)}")
-        make_norm = SMALL_CNN_NORMS[norm]
+        make_norm, kwargs = SMALL_CNN_NORMS[norm], norm_kwargs or {}
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = make_norm(width)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.bn1, self.relu1 = _norm_and_activation(make_norm, width, kwargs)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn2 = make_norm(2 * width)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.bn2, self.relu2 = _norm_and_activation(make_norm, 2 * width, kwargs)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
-        self.bn3 = make_norm(2 * width)
-        self.relu3 = nn.ReLU(inplace=True)
+        self.bn3, self.relu3 = _norm_and_activation(make_norm, 2 * width, kwargs)
         self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -614,9 +644,19 @@ class SmallCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def small_cnn(norm: str = "bn", num_classes: int = 10, in_channels: int = 1, width: int = 16) -> SmallCNN:
-    """Three conv + norm + ReLU stages for 1x8x8 digit images; ``norm`` picks from ``SMALL_CNN_NORMS``."""
-    return SmallCNN(norm, num_classes, in_channels, width)
+def small_cnn(
+    norm: str = "bn",
+    num_classes: int = 10,
+    in_channels: int = 1,
+    width: int = 16,
+    norm_kwargs: dict | None = None,
+) -> SmallCNN:
+    """Three conv + norm + activation stages for 1x8x8 digit images.
+
+    ``norm`` picks from ``SMALL_CNN_NORMS`` ("frn" is FRN + TLU with no ReLU); ``norm_kwargs`` go to its
+    factory, e.g. ``{"B": 2, "real_B": 32}`` for "mabn".
+    """
+    return SmallCNN(norm, num_classes, in_channels, width, norm_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
