@@ -1,0 +1,463 @@
+"""Swap a model's BatchNorm layers for FRN + TLU or MABN: ``swap_norms(model, to=...) -> (model, SwapReport)``.
+
+The targets live in one registry, :data:`SWAP_TARGETS`; the CLI's ``--to`` choices are built from it.
+
+- ``frn``: every BatchNorm1d/2d/3d and SyncBatchNorm on feature maps becomes FRN + TLU of the same rank,
+  starting from the BatchNorm's ``weight``/``bias`` (``tau`` = 0). A ReLU call whose only input is the
+  BatchNorm output, and which is the only consumer of it, is removed (the TLU is the activation); the
+  dataflow is found with torch.fx, so other calls of a shared ReLU module stay. The result is then a
+  ``torch.fx.GraphModule`` with the same parameter and buffer names. Other activations stay. A BatchNorm1d on
+  (N, C) inputs (after a Linear) is skipped: FRN there degenerates to sign(x) unless ``learnable_eps=True``,
+  in which case it becomes a FilterResponseNorm1d with the learnable eps. FRN cannot reproduce what a
+  BatchNorm computed: the swapped model needs training; ``eval_drift`` says how far it moved.
+- ``mabn``: every BatchNorm2d (and 4-d SyncBatchNorm) becomes MABN2d with the statistics transfer of
+  NORM_LAYERS.md, so the eval output stays the same; ``cenconv=True`` also turns the convolutions feeding them
+  into CenConv2d, which changes the function (reported as drift). BatchNorm1d/3d are skipped.
+
+Torch is imported at module level: only command bodies and Python users import this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normcli.errors import NormcliError
+from normcli.layers import CenConv2d, FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d, MABN2d
+
+__all__ = ["SWAP_TARGETS", "SwapReport", "SwapTarget", "swap_norms"]
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_FRN_BY_RANK = {2: FilterResponseNorm1d, 3: FilterResponseNorm1d, 4: FilterResponseNorm2d, 5: FilterResponseNorm3d}
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+PROBE_SEED = 0
+TRAIN_CHECK_BATCH = 2
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap_norms` did. ``eval_drift`` and ``train_check`` are None when no input shape was known."""
+
+    to: str
+    options: dict[str, Any]
+    replaced: list[dict[str, str]] = field(default_factory=list)  # {"name", "from", "to"}
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"name", "reason"}
+    absorbed_activations: list[str] = field(default_factory=list)
+    centred_convs: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    eval_drift: dict[str, float] | None = None  # {"max_abs", "max_rel"}; max_rel is relative to max |output|
+    train_check: dict[str, Any] | None = None  # {"passed", "batch_size", "nonfinite_grads", "error"}
+    traced: bool | None = None  # None: the target needed no dataflow; False: torch.fx could not trace
+    input_shape: list[int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SwapTarget:
+    """One ``--to`` choice: how a BatchNorm becomes the new layer, and what else the swap does.
+
+    ``convert(name, bn, rank, options)`` returns the new module, or a string saying why ``bn`` is skipped;
+    ``rank`` is the input's number of dims seen on the probe, or None when unknown.
+    """
+
+    name: str
+    summary: str
+    defaults: Mapping[str, Any]
+    convert: Callable[[str, nn.Module, "int | None", Mapping[str, Any]], "nn.Module | str"]
+    absorbs_relu: bool = False
+    validate: Callable[[Mapping[str, Any]], None] | None = None
+    needs_dataflow: Callable[[Mapping[str, Any]], bool] = lambda options: False
+
+
+def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    learnable_eps = bool(options["learnable_eps"])
+    if isinstance(bn, nn.BatchNorm2d):
+        rank = 4
+    elif isinstance(bn, nn.BatchNorm3d):
+        rank = 5
+    elif rank is None:
+        if isinstance(bn, nn.BatchNorm1d) and learnable_eps:
+            rank = 3  # FilterResponseNorm1d with learnable eps takes (N, C) and (N, C, L) alike
+        else:
+            return ("its input rank is unknown (it did not run on the probe input): pass an input shape, "
+                    "or exclude it")
+    if rank == 2 and not learnable_eps:
+        return ("it normalises (N, C) inputs, where FRN degenerates to sign(x); pass learnable_eps=True to "
+                "swap it for FRN with a learnable eps")
+    if rank not in _FRN_BY_RANK:
+        return f"it sees {rank}-d inputs; FRN covers 2-d to 5-d inputs"
+    ref = bn.running_var if bn.running_var is not None else bn.weight
+    factory = {"device": None, "dtype": None} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    frn = _FRN_BY_RANK[rank](bn.num_features, learnable_eps=learnable_eps, **factory)
+    if bn.weight is not None:
+        with torch.no_grad():
+            frn.weight.copy_(bn.weight)
+            frn.bias.copy_(bn.bias)
+    return frn.train(bn.training)
+
+
+def _validate_mabn(options: Mapping[str, Any]) -> None:
+    B, real_B = options["B"], options["real_B"]
+    for key in ("B", "real_B", "warmup_iters"):
+        if not isinstance(options[key], int) or isinstance(options[key], bool) or options[key] < 0:
+            raise NormcliError(f"swap --to mabn: {key} must be a non-negative integer, got {options[key]!r}")
+    if B < 1 or real_B < 1 or real_B % B:
+        raise NormcliError(
+            f"swap --to mabn: real_B must be a positive multiple of B (got B={B}, real_B={real_B}); MABN averages "
+            f"the statistics of real_B // B steps"
+        )
+    if not 0.0 <= float(options["momentum"]) < 1.0:
+        raise NormcliError(f"swap --to mabn: momentum must be in [0, 1), got {options['momentum']!r}")
+
+
+def _convert_mabn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm3d)):
+        return f"MABN2d covers 4-d feature maps only; {type(bn).__name__} stays"
+    if isinstance(bn, nn.SyncBatchNorm) and rank != 4:
+        return ("MABN2d covers 4-d feature maps only, and this SyncBatchNorm "
+                + ("did not run on the probe input" if rank is None else f"sees {rank}-d inputs"))
+    if bn.running_mean is None or bn.running_var is None:
+        return "it keeps no running statistics (track_running_stats=False), so no MABN2d computes the same"
+    return MABN2d.from_batchnorm(
+        bn, B=options["B"], real_B=options["real_B"], warmup_iters=options["warmup_iters"],
+        momentum=options["momentum"],
+    )
+
+
+SWAP_TARGETS: dict[str, SwapTarget] = {
+    "frn": SwapTarget(
+        name="frn",
+        summary="Filter Response Normalization + TLU (Singh & Krishnan, 2020); absorbs the ReLU after each BN",
+        defaults={"learnable_eps": False},
+        convert=_convert_frn,
+        absorbs_relu=True,
+    ),
+    "mabn": SwapTarget(
+        name="mabn",
+        summary="Moving Average Batch Normalization (Yan et al., 2020); same eval output as the BatchNorm",
+        defaults={"B": 2, "real_B": 16, "warmup_iters": 100, "momentum": 0.98, "cenconv": False},
+        convert=_convert_mabn,
+        validate=_validate_mabn,
+        needs_dataflow=lambda options: bool(options["cenconv"]),
+    ),
+}
+
+
+def _resolve_options(target: SwapTarget, options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(target.defaults))
+    if unknown:
+        raise NormcliError(
+            f"swap --to {target.name} does not take {', '.join(unknown)}; it takes {', '.join(target.defaults)}"
+        )
+    resolved = dict(target.defaults)
+    resolved.update({k: v for k, v in options.items() if v is not None})
+    if target.validate is not None:
+        target.validate(resolved)
+    return resolved
+
+
+def _as_patterns(globs: str | Iterable[str] | None) -> list[str]:
+    if globs is None:
+        return []
+    return [globs] if isinstance(globs, str) else list(globs)
+
+
+def _selection_reason(name: str, include: list[str], exclude: list[str]) -> str | None:
+    if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
+        return f"not matched by include {', '.join(include)}"
+    hit = next((g for g in exclude if fnmatch.fnmatchcase(name, g)), None)
+    return None if hit is None else f"matched by exclude {hit}"
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _probe_inputs(model: nn.Module, shape: Sequence[int], count: int) -> list[torch.Tensor]:
+    dtype, device = _model_dtype_device(model)
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    return [torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+            for _ in range(count)]
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for value in out.values() for t in _output_tensors(value)]
+    if isinstance(out, (list, tuple)):
+        return [t for value in out for t in _output_tensors(value)]
+    return []
+
+
+class _ModeRestored:
+    """Put every module in eval mode for the block, then give each its own flag back."""
+
+    def __init__(self, model: nn.Module, training: bool) -> None:
+        self.model, self.training = model, training
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.training)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def _probe(model: nn.Module, inputs: list[torch.Tensor], record_ranks: Iterable[str] = ()) -> tuple[list, dict]:
+    """Eval outputs on the probe inputs and the input rank each named BatchNorm saw."""
+    ranks: dict[str, int] = {}
+    handles = []
+    for name in record_ranks:
+        def hook(module, args, name=name):
+            if args and isinstance(args[0], torch.Tensor):
+                ranks.setdefault(name, args[0].dim())
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with _ModeRestored(model, training=False), torch.no_grad():
+            outputs = [[t.detach().double() for t in _output_tensors(model(x))] for x in inputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, ranks
+
+
+def _drift(before: list[list[torch.Tensor]], after: list[list[torch.Tensor]]) -> dict[str, float]:
+    max_abs = max_rel = 0.0
+    for outs_before, outs_after in zip(before, after):
+        if len(outs_before) != len(outs_after):
+            return {"max_abs": math.inf, "max_rel": math.inf}
+        for a, b in zip(outs_before, outs_after):
+            if a.shape != b.shape:
+                return {"max_abs": math.inf, "max_rel": math.inf}
+            if a.numel() == 0:
+                continue
+            diff = (a - b).abs().max().item()
+            scale = a.abs().max().item()
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+    return {"max_abs": max_abs, "max_rel": max_rel}
+
+
+def _train_check(model: nn.Module, shape: Sequence[int]) -> dict[str, Any]:
+    """One forward and backward in train mode at batch size 2, on a copy (the result's buffers stay as they are)."""
+    trial = copy.deepcopy(model).train()
+    x = _probe_inputs(trial, [TRAIN_CHECK_BATCH] + list(shape[1:]), 1)[0]
+    result: dict[str, Any] = {"passed": False, "batch_size": TRAIN_CHECK_BATCH, "nonfinite_grads": [], "error": None}
+    try:
+        outputs = [t for t in _output_tensors(trial(x)) if t.is_floating_point() and t.requires_grad]
+        if not outputs:
+            result["error"] = "the model's output does not depend on any trainable parameter"
+            return result
+        sum(t.double().square().mean() for t in outputs).backward()
+    except Exception as exc:  # noqa: BLE001 - any failure of the smoke check is its result
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        return result
+    result["nonfinite_grads"] = [n for n, p in trial.named_parameters()
+                                 if p.grad is not None and not torch.isfinite(p.grad).all()]
+    result["passed"] = not result["nonfinite_grads"]
+    return result
+
+
+def _infer_input_shape(model: nn.Module) -> list[int] | None:
+    """A guess from the first conv or linear layer, for when the caller gave no shape."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            return [1, module.in_channels, 32]
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            return [1, module.in_channels, 32, 32]
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            return [1, module.in_channels, 8, 16, 16]
+        if isinstance(module, nn.Linear):
+            return [1, module.in_features]
+    return None
+
+
+def _is_relu_call(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def _relu_label(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}() call {node.name}"
+    return f"{getattr(node.target, '__name__', node.target)} call {node.name}"
+
+
+def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; all mean the same here
+        report.traced = False
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        report.notes.append(f"torch.fx could not trace the model ({type(exc).__name__}: {first_line})")
+        return None
+    report.traced = True
+    return graph
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+def swap_norms(
+    model: nn.Module,
+    to: str,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    probe_samples: int = 2,
+    inplace: bool = False,
+    **options: Any,
+) -> tuple[nn.Module, SwapReport]:
+    """Replace the model's BatchNorm layers by the target ``to`` (a key of :data:`SWAP_TARGETS`).
+
+    Args:
+        include, exclude: fnmatch globs (or lists of them) on module names selecting which BatchNorms to swap.
+        input_shape: the shape of the seeded probe inputs used for ``eval_drift``, to see each BatchNorm's
+            input rank, and (with batch size 2) for ``train_check``. None: guessed from the first conv or
+            linear layer (a note says so).
+        inplace: change ``model`` itself instead of a deep copy (the result may still be a new GraphModule).
+        options: the target's options, see ``SWAP_TARGETS[to].defaults``. frn: ``learnable_eps``; mabn: ``B``,
+            ``real_B``, ``warmup_iters``, ``momentum``, ``cenconv``.
+
+    When a ReLU call is absorbed, the result is a ``torch.fx.GraphModule`` traced in the model's current
+    train/eval mode (Python branches on ``self.training`` are fixed at that point, as with any fx trace).
+
+    Returns the swapped model and a :class:`SwapReport`. Running ``swap_norms`` on a freshly built model of the
+    same architecture with the same options gives a model whose ``state_dict()`` has the same keys, so a
+    saved state dict of the result loads into it.
+    """
+    if to not in SWAP_TARGETS:
+        raise NormcliError(f"unknown swap target {to!r}; choose one of {', '.join(SWAP_TARGETS)}")
+    target = SWAP_TARGETS[to]
+    resolved = _resolve_options(target, options)
+    report = SwapReport(to=to, options=resolved)
+    include_globs, exclude_globs = _as_patterns(include), _as_patterns(exclude)
+    report.params_before = _count_params(model)
+    model = model if inplace else copy.deepcopy(model)
+
+    norms = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _BATCHNORMS)]
+
+    shape = list(input_shape) if input_shape is not None else None
+    if shape is None:
+        shape = _infer_input_shape(model)
+        if shape is not None:
+            report.notes.append(f"no input shape given; probed with {shape}, guessed from the first layer")
+    before, ranks = None, {}
+    if shape is not None:
+        try:
+            before, ranks = _probe(model, _probe_inputs(model, shape, probe_samples), [n for n, _ in norms])
+        except Exception as exc:  # noqa: BLE001
+            if input_shape is not None:
+                raise NormcliError(
+                    f"the model does not run on an input of shape {tuple(shape)} ({type(exc).__name__}: {exc}); "
+                    "pass the shape it expects"
+                ) from exc
+            report.notes.append(f"the model did not run on the guessed input shape {shape}; "
+                                "pass an input shape to get eval_drift and train_check")
+            shape = None
+    report.input_shape = shape
+
+    replacements: dict[str, nn.Module] = {}
+    for name, bn in norms:
+        reason = _selection_reason(name, include_globs, exclude_globs)
+        new = reason if reason is not None else target.convert(name, bn, ranks.get(name), resolved)
+        if isinstance(new, str):
+            report.skipped.append({"name": name, "reason": new})
+        else:
+            replacements[name] = new
+            report.replaced.append({"name": name, "from": type(bn).__name__, "to": type(new).__name__})
+
+    graph = None
+    if replacements and (target.absorbs_relu or target.needs_dataflow(resolved)):
+        graph = _trace(model, report)
+    result: nn.Module = model
+    modules = dict(model.named_modules())
+    if graph is not None and target.absorbs_relu:
+        absorbed = _absorb_relus(graph, modules, replacements)
+        report.absorbed_activations = absorbed
+        if absorbed:
+            result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    elif target.absorbs_relu and replacements:
+        report.notes.append("the ReLUs after the swapped BatchNorms were kept, since the dataflow is unknown")
+    for name, new in replacements.items():
+        _set_submodule(result, name, new)
+    if to == "mabn" and resolved["cenconv"]:
+        _centre_convs(result, graph, modules, replacements, report)
+
+    report.params_after = _count_params(result)
+    if shape is not None and before is not None:
+        after, _ = _probe(result, _probe_inputs(result, shape, probe_samples))
+        report.eval_drift = _drift(before, after)
+        report.train_check = _train_check(result, shape)
+    return result, report
+
+
+def _absorb_relus(graph: torch.fx.Graph, modules: Mapping[str, nn.Module], replaced: Mapping[str, nn.Module]) -> list[str]:
+    """Remove each ReLU call that is the only consumer of a swapped BatchNorm's output; returns their labels."""
+    absorbed = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in replaced or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if not _is_relu_call(user, modules) or not user.args or user.args[0] is not node:
+            continue
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+        absorbed.append(f"{_relu_label(user)} (after {node.target})")
+    graph.lint()
+    return absorbed
+
+
+def _centre_convs(result: nn.Module, graph: torch.fx.Graph | None, modules: Mapping[str, nn.Module],
+                  replaced: Mapping[str, nn.Module], report: SwapReport) -> None:
+    """Turn each Conv2d whose output a new MABN2d normalises into a CenConv2d."""
+    if graph is None:
+        report.notes.append("cenconv: the convolutions feeding each BatchNorm are unknown without a traced graph; "
+                            "none was centred")
+        return
+    feeding = []
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in replaced or not node.args:
+            continue
+        source = node.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "call_module":
+            conv = modules.get(source.target)
+            if type(conv) is nn.Conv2d and source.target not in feeding:
+                feeding.append(source.target)
+    for name in feeding:
+        _set_submodule(result, name, CenConv2d.from_conv(modules[name]))
+    report.centred_convs = feeding
+    if feeding:
+        report.notes.append(f"cenconv: centred {len(feeding)} convolution(s); this changes the function, "
+                            "see eval_drift")
