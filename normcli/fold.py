@@ -356,7 +356,8 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
             report.unfolded.append({"norm": name, "reason": affine})
             continue
         if uses[name] > 1:
-            report.unfolded.append({"norm": name, "reason": f"it is called at {uses[name]} places"})
+            report.unfolded.append({"norm": name, "reason": f"it is called (or its statistics read) at "
+                                                            f"{uses[name]} places"})
             continue
         if len(node.args) != 1 or node.kwargs:
             report.unfolded.append({"norm": name, "reason": "it is called with more than one argument"})
@@ -544,6 +545,7 @@ def _fold_export(ep, model: nn.Module, report: FoldReport) -> nn.Module:
             if not weight.is_floating_point():
                 problem = f"non-float dtype: '{producer}'.weight is {weight.dtype}"
         if problem is None:
+            layer.dims = 0 if layer.kind == "linear" else weight.dim() - 2
             out_channels = weight.shape[1] * layer.groups if layer.kind == "convT" else weight.shape[0]
             layer.out_channels = out_channels
             if out_channels != scale.numel():
@@ -630,8 +632,8 @@ def _stack_name(node: fx.Node) -> str:
 def _report_uncalled_export(model: nn.Module, seen: set, report: FoldReport) -> None:
     for name, module in model.named_modules():
         if name and name not in seen and is_foldable_norm(module):
-            reason = ("the torch.export fallback folds only BatchNorm and InstanceNorm ops"
-                      if not isinstance(module, _BatchNorm) else "forward() never calls it; left as is")
+            reason = ("the torch.export fallback folds only BatchNorm ops" if not isinstance(module, _BatchNorm)
+                      else "forward() does not call it for inputs shaped like the example; left as is")
             report.unfolded.append({"norm": name, "reason": reason})
 
 

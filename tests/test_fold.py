@@ -371,6 +371,12 @@ def test_refuses_a_model_in_training_mode():
         fold_batchnorm(model)
 
 
+def test_example_inputs_the_model_cannot_take_are_an_error():
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(NormcliError, match="example inputs"):
+        fold_batchnorm(model, example_inputs=torch.randn(2, 5, 8, 8))
+
+
 def test_pure_by_default_and_inplace_on_request():
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -434,12 +440,18 @@ class ShapeBranch(nn.Module):
         self.deconv = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2)
         self.bn2 = nn.BatchNorm2d(4)
         self.pre = nn.BatchNorm2d(4)
+        self.conv1d = nn.Conv1d(4, 4, 3, groups=2)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+        self.bn_fc = nn.BatchNorm1d(3)
 
     def forward(self, x):
         x = self.bn(self.conv(x))
         if x.shape[-1] > 4:
             x = torch.relu(self.bn2(self.deconv(x)))
-        return self.pre(x)
+        x = self.pre(x)
+        x = self.bn1d(self.conv1d(x.flatten(2)))
+        return self.bn_fc(self.fc(x.mean(2)))
 
 
 def test_untraceable_model_folds_on_its_torch_export_graph():
@@ -447,7 +459,7 @@ def test_untraceable_model_folds_on_its_torch_export_graph():
     x = torch.randn(2, 3, 9, 9)
     folded, report = fold_batchnorm(model, example_inputs=(x,))
     assert report.method == "export" and "torch.fx" in report.note
-    assert into(report) == {"bn": "conv", "bn2": "deconv"}
+    assert into(report) == {"bn": "conv", "bn2": "deconv", "bn1d": "conv1d", "bn_fc": "fc"}
     assert "not the output of a conv" in reasons(report)["pre"]
     names = dict(folded.named_modules())
     assert "bn" not in names and "bn2" not in names and "pre" in names
@@ -461,7 +473,7 @@ def test_untraceable_model_without_example_inputs_folds_nothing_and_says_why():
     model = randomize_norms(ShapeBranch())
     folded, report = fold_batchnorm(model)
     assert report.method == "none" and report.folded == []
-    assert set(reasons(report)) == {"bn", "bn2", "pre"}
+    assert set(reasons(report)) == {"bn", "bn2", "pre", "bn1d", "bn_fc"}
     assert all("example_inputs" in r for r in reasons(report).values())
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(folded(x), model(x))
@@ -537,6 +549,7 @@ def layer_and_norm(draw):
     return model.eval(), x_shape, seed
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(layer_and_norm())
 def test_property_random_configurations_fold_within_tolerance(case):
