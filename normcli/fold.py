@@ -665,7 +665,9 @@ def fold_batchnorm(
     fold around a Linear) and is the fallback's input when torch.fx cannot trace the model: then the model
     is exported with torch.export and folded on that graph (``report.method == "export"``).
     The folded model is a ``torch.fx.GraphModule`` with the original's call signature; the folded norms are
-    gone from its ``named_modules()``.
+    gone from its ``named_modules()``. With ``method == "fx"`` it pickles (``torch.save``); the
+    ``"export"`` module carries torch.export's shape guards, which torch cannot pickle: save its
+    ``state_dict()``, or export it again.
     """
     in_training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if in_training:
