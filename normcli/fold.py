@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normcli.errors import NormcliError
+from normcli.fx_tools import drop_string_annotations
 
 __all__ = ["FoldReport", "fold_batchnorm", "is_foldable_norm"]
 
@@ -306,11 +307,7 @@ def _owner_counts(graph: fx.Graph) -> Counter:
 def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _FoldTracer()
     graph = tracer.trace(model)
-    for node in graph.nodes:
-        # annotations postponed by `from __future__ import annotations` arrive as strings, which fx cannot
-        # pickle (torch.save of the GraphModule fails); they change nothing the model computes
-        if isinstance(node.type, str):
-            node.type = None
+    drop_string_annotations(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
