@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 import re
 import sys
@@ -97,7 +98,7 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
             kwargs["dynamic_axes"] = {name: {0: BATCH_DIM_NAME} for name in [*input_names, *output_names]}
 
     path = Path(path)
-    with _stdout_captured() as log, warnings.catch_warnings(record=True) as caught:
+    with _stdout_captured() as log, warnings.catch_warnings(record=True) as caught, _quiet_torch_onnx_logs():
         warnings.simplefilter("always")
         try:
             torch.onnx.export(model, example_inputs, str(path), **kwargs)
@@ -203,6 +204,18 @@ def _resolve_opset(exporter: str, opset: int | None) -> int:
             " (use the dynamo exporter for newer opsets)"
         raise NormcliError(f"the {exporter} exporter writes opsets {supported}, not {opset}{hint}")
     return opset
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx_logs() -> Iterator[None]:
+    """Hide the exporter's registration chatter (e.g. that torchvision's ops are skipped); errors still show."""
+    logger = logging.getLogger("torch.onnx")
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,203 @@
+"""`normcli fuse-export PATH -o OUT.onnx`: fold BatchNorm, export to ONNX, prove parity in onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import typer
+
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
+                                err_console, jsonable, out_console, parse_arch_kwargs, print_json)
+
+# Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
+# them without importing torch; a test checks they agree.
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_SAMPLES = 3
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def fuse_export(
+    path: str = typer.Argument(..., help="Checkpoint to read (state dict with --arch, or a live module with "
+                                         "--unsafe-load)."),
+    output: str = typer.Option(..., "-o", "--output", metavar="OUT.onnx", help="ONNX file to write."),
+    arch: Optional[str] = ArchOption,
+    arch_kwargs: Optional[str] = ArchKwargsOption,
+    input_shape: Optional[List[str]] = typer.Option(
+        None, "--input-shape", metavar="SHAPE",
+        help="Comma-separated input shape, e.g. 1,3,224,224; repeat for several inputs. Default: a .pt2's "
+             "example inputs, else (1, C, 64, 64) from the first conv (64 for 1d, 16^3 for 3d) or "
+             "(1, F) from the first linear."),
+    input_file: Optional[List[str]] = typer.Option(
+        None, "--input", metavar="FILE",
+        help="Run parity on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
+    opset: Optional[int] = typer.Option(None, "--opset", metavar="N",
+                                        help="ONNX opset. Default 18 (dynamo writes 18+, torchscript up to 20)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch",
+                                       help="Make dim 0 of every input and output symbolic; parity then runs "
+                                            "two batch sizes."),
+    atol: float = typer.Option(DEFAULT_ATOL, "--atol", metavar="X", help="Absolute tolerance of the parity check."),
+    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", metavar="X",
+                               help="Relative tolerance: an element fails when |onnx-torch| > atol + rtol*|torch|."),
+    samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", metavar="N",
+                                help="Seeded standard-normal inputs to check parity on."),
+    exporter: str = typer.Option("dynamo", "--exporter", metavar="dynamo|torchscript", case_sensitive=False,
+                                 help="torch.onnx.export's torch.export-based exporter (dynamo, default) or the "
+                                      "legacy TorchScript one."),
+    save_fused: Optional[str] = typer.Option(
+        None, "--save-fused", metavar="PATH",
+        help="Also write the folded torch model: a torch.export archive if PATH ends in .pt2, else TorchScript; "
+             "both load with plain torch."),
+    keep_on_fail: bool = typer.Option(False, "--keep-on-fail", help="Write the outputs even if parity fails "
+                                                                     "(the exit code is still 1)."),
+    json_out: bool = JsonOption,
+    unsafe_load: bool = UnsafeLoadOption,
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    debug: bool = DebugOption,
+) -> None:
+    """Fold BatchNorm into the convs next to it, export to ONNX and check it against the original in onnxruntime."""
+    from normcli.atomic import check_output_path
+    from normcli.errors import CheckFailed, NormcliError
+
+    exporter = exporter.lower()
+    if exporter not in EXPORTERS:
+        raise NormcliError(f"--exporter must be dynamo or torchscript, not {exporter!r}")
+    if samples < 1:
+        raise NormcliError(f"--samples must be at least 1, got {samples}")
+    if atol < 0 or rtol < 0:
+        raise NormcliError(f"--atol and --rtol must not be negative (got {atol}, {rtol})")
+    shapes = [parse_shape(s) for s in input_shape or []]
+    # refuse a clobbering or unwritable output before the slow work starts
+    out_path = check_output_path(output, inputs=(path,), force=force)
+    if save_fused is not None:
+        check_output_path(save_fused, inputs=(path, out_path), force=force)
+
+    with _status(json_out) as step:
+        step("loading the model")
+        from normcli.fuse_export import fuse_export as run_pipeline
+        from normcli.loading import load_model
+        from normcli.parity import load_input_file
+
+        loaded = load_model(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), unsafe_load=unsafe_load)
+        tensors = [load_input_file(f) for f in input_file or []]
+        if tensors and shapes:
+            raise NormcliError("give either --input or --input-shape, not both")
+        report = run_pipeline(loaded.model, output, input_shapes=shapes or None, input_tensors=tensors or None,
+                              example_inputs=loaded.example_inputs, exporter=exporter, opset=opset,
+                              dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, samples=samples,
+                              keep_on_fail=keep_on_fail, save_fused=save_fused, force=force, sources=(path,),
+                              progress=step)
+
+    if json_out:
+        print_json(report_json(report))
+    else:
+        render(report)
+    if not report.parity.passed:
+        failed = [o.name for o in report.parity.outputs if o.mismatched or o.problem]
+        kept = f"; {report.output} was written anyway (--keep-on-fail)" if report.output else \
+            "; nothing was written"
+        raise CheckFailed(f"parity failed on {', '.join(failed)}: the ONNX model differs from the torch model "
+                          f"beyond atol={atol} + rtol={rtol}*|torch|{kept}")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1,3,224,224`` -> (1, 3, 224, 224), with an error that says what a shape looks like."""
+    from normcli.errors import NormcliError
+
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise NormcliError(f"--input-shape {text!r} is not a shape; give positive integers separated by commas, "
+                           "e.g. --input-shape 1,3,224,224")
+    return shape
+
+
+def report_json(report) -> dict:
+    """The contract's fuse-export schema, plus how the inputs, the fold and the saved model came about."""
+    return jsonable({
+        "output": report.output, "opset": report.opset, "exporter": report.exporter,
+        "folded": report.folded, "unfolded": report.unfolded,
+        "parity": {"passed": report.parity.passed, "atol": report.parity.atol, "rtol": report.parity.rtol,
+                   "samples": report.parity.samples,
+                   "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel,
+                                "mean_abs": o.mean_abs, "mismatched": o.mismatched, "elements": o.elements,
+                                "problem": o.problem} for o in report.parity.outputs]},
+        "onnx": report.onnx,
+        "dynamic_batch": report.dynamic_batch,
+        "input_shapes": report.input_shapes, "input_source": report.input_source,
+        "fold_method": report.fold_method, "fold_note": report.fold_note, "fold_check": report.fold_check,
+        "save_fused": report.save_fused, "save_fused_format": report.save_fused_format,
+        "warnings": report.warnings,
+    })
+
+
+@contextlib.contextmanager
+def _status(quiet: bool):
+    """A Rich spinner on stderr whose text each pipeline step updates; nothing at all with --json."""
+    if quiet or not err_console.is_terminal:
+        yield lambda message: None
+        return
+    with err_console.status("starting") as status:
+        yield lambda message: status.update(f"{message}...")
+
+
+def _num(x: float) -> str:
+    if x != x or x in (float("inf"), float("-inf")):
+        return str(x)
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def render(report) -> None:
+    from rich.table import Table
+
+    console = out_console
+    shapes = " ".join(",".join(map(str, s)) for s in report.input_shapes)
+    console.print(f"input shape {shapes} ({report.input_source})"
+                  + (", batch dimension symbolic" if report.dynamic_batch else ""), soft_wrap=True)
+    method = {"fx": "torch.fx dataflow", "export": "torch.export graph"}.get(report.fold_method, report.fold_method)
+    console.print(f"folded {len(report.folded)} norm(s) by {method}, {len(report.unfolded)} left in place",
+                  soft_wrap=True)
+    if report.fold_note:
+        console.print(f"note: {report.fold_note}", style="dim", soft_wrap=True)
+    if report.folded:
+        table = Table(header_style="bold", box=None, pad_edge=False)
+        table.add_column("folded norm")
+        table.add_column("into")
+        for pair in report.folded:
+            table.add_row(pair["norm"], pair["into"])
+        console.print(table)
+    if report.unfolded:
+        table = Table(header_style="bold", box=None, pad_edge=False)
+        table.add_column("unfolded norm")
+        table.add_column("reason")
+        for item in report.unfolded:
+            table.add_row(item["norm"], item["reason"])
+        console.print(table)
+    check = report.fold_check
+    console.print(f"folded torch vs original torch: max abs {_num(check.max_abs)}, max rel {_num(check.max_rel)} "
+                  + ("[green]ok[/]" if check.passed else "[red]out of tolerance[/]"), soft_wrap=True)
+
+    parity = report.parity
+    console.print(f"parity in onnxruntime, original torch model as reference: {parity.samples} samples, "
+                  f"atol {parity.atol:g}, rtol {parity.rtol:g}", soft_wrap=True)
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    for col in ("output", "max abs", "max rel", "mean abs", "mismatched", ""):
+        table.add_column(col, justify="left" if col in ("output", "") else "right")
+    for o in parity.outputs:
+        verdict = "[green]ok[/]" if not (o.mismatched or o.problem) else f"[red]FAIL[/] {o.problem or ''}"
+        table.add_row(o.name, _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), f"{o.mismatched}/{o.elements}",
+                      verdict)
+    console.print(table)
+    console.print(f"ONNX: {report.onnx['nodes']} nodes, {report.onnx['batchnorm_nodes']} BatchNormalization; "
+                  f"{report.exporter} exporter, opset {report.opset}", soft_wrap=True)
+    if report.output:
+        console.print(f"wrote {report.output}" + ("" if parity.passed else " (parity failed; --keep-on-fail)"),
+                      soft_wrap=True)
+    else:
+        console.print("[red]nothing written[/]: parity failed (pass --keep-on-fail to write anyway)", soft_wrap=True)
+    if report.save_fused:
+        console.print(f"wrote {report.save_fused} ({report.save_fused_format})", soft_wrap=True)

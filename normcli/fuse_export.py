@@ -1,0 +1,312 @@
+"""The fuse-export pipeline: fold BatchNorm, export the folded model to ONNX, prove it with onnxruntime.
+
+Steps, each reported: eval mode; fold (``normcli.fold``); check the folded torch model against the original;
+export the folded model (``normcli.export``); count its nodes; run the ORIGINAL torch model and the ONNX model
+on the same inputs (``normcli.parity``); write the ONNX file atomically, and only when parity passed unless
+``keep_on_fail``.
+
+Input shapes, when not given: the example inputs of a ``.pt2`` archive, else one sample shaped for the first
+conv or linear layer in the model's module order (batch 1): ``(1, in_channels, 64)`` for Conv1d,
+``(1, in_channels, 64, 64)`` for Conv2d, ``(1, in_channels, 16, 16, 16)`` for Conv3d (transposed convs
+alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``).
+
+``save_fused``: the folded model as a file that loads with plain torch and no normcli or model code: a
+torch.export archive (``torch.export.load``) when the path ends in ``.pt2``, else TorchScript
+(``torch.jit.load``). The saved file is loaded back and compared with the folded model before it is kept.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from normcli.atomic import atomic_output, check_output_path
+from normcli.errors import NormcliError
+from normcli.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult
+
+DEFAULT_SAMPLES = 3
+DEFAULT_EXPORTER = "dynamo"
+# spatial size per conv dimensionality when the input shape is inferred: modest, so inference stays fast
+DEFAULT_SPATIAL = {1: 64, 2: 64, 3: 16}
+
+
+@dataclass
+class FoldCheck:
+    """The folded torch model against the original torch model, on the parity inputs."""
+
+    passed: bool
+    max_abs: float
+    max_rel: float
+
+
+@dataclass
+class FuseExportReport:
+    output: str | None                 # None when nothing was written
+    exporter: str
+    opset: int
+    dynamic_batch: bool
+    input_shapes: list[list[int]]      # of the export's example inputs
+    input_source: str                  # where the shapes came from
+    folded: list[dict]
+    unfolded: list[dict]
+    fold_method: str
+    fold_note: str
+    fold_check: FoldCheck
+    parity: ParityResult
+    onnx: dict                         # {"nodes", "batchnorm_nodes", "input_names", "output_names"}
+    save_fused: str | None = None
+    save_fused_format: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+
+def fuse_export(model, output: str | os.PathLike, *,
+                input_shapes: Sequence[Sequence[int]] | None = None,
+                input_tensors: Sequence | None = None,
+                example_inputs: tuple | None = None,
+                exporter: str = DEFAULT_EXPORTER, opset: int | None = None, dynamic_batch: bool = False,
+                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, samples: int = DEFAULT_SAMPLES,
+                seed: int = 0, keep_on_fail: bool = False, save_fused: str | os.PathLike | None = None,
+                force: bool = False, sources: Sequence[str | os.PathLike] = (),
+                progress: Callable[[str], None] | None = None) -> FuseExportReport:
+    """Fold, export and check ``model``; write ``output`` only if parity passed (or ``keep_on_fail``).
+
+    input_shapes: one shape per model input; input_tensors: real inputs (then parity runs on them, not on
+    ``samples`` random ones); example_inputs: a ``.pt2`` archive's, used for shapes when nothing else is
+    given. sources: input files that must not be overwritten.
+    """
+    import torch
+
+    from normcli import fold as fold_module
+    from normcli.export import default_input_names, default_output_names, export_onnx
+    from normcli.parity import check_parity
+
+    step = progress or (lambda message: None)
+    output = check_output_path(output, inputs=tuple(sources), force=force)
+    if save_fused is not None:
+        save_fused = check_output_path(save_fused, inputs=(*sources, output), force=force)
+    if samples < 1:
+        raise NormcliError(f"--samples must be at least 1, got {samples}")
+
+    _eval_mode(model)
+    dtype = _input_dtype(model)
+    inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
+                                    dynamic_batch, dtype)
+    example = inputs[0]
+    # with a symbolic batch, export at a batch of 2 or more: torch.export specialises a batch of 1
+    export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
+        if dynamic_batch else example
+    with torch.no_grad():
+        try:
+            reference_outputs = model(*example)
+        except Exception as e:
+            raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
+                               f"{type(e).__name__}: {_first_line(e)}; pass --input-shape") from None
+
+    step("folding BatchNorm")
+    folded, fold_report = fold_module.fold_batchnorm(model, inplace=False, example_inputs=example)
+    _eval_mode(folded)
+    step("checking the folded model in torch")
+    fold_check = _fold_check(model, folded, inputs, atol, rtol)
+
+    with tempfile.TemporaryDirectory(prefix="normcli-") as scratch:
+        onnx_path = Path(scratch) / output.name
+        step(f"exporting with the {exporter} exporter")
+        exported = export_onnx(folded, export_example, onnx_path, exporter=exporter, opset=opset,
+                               dynamic_batch=dynamic_batch,
+                               input_names=default_input_names(model, len(example)),
+                               output_names=default_output_names(reference_outputs))
+        step("checking parity in onnxruntime")
+        parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol)
+
+        written = None
+        fused_format = None
+        notes = list(exported.warnings)
+        if parity.passed or keep_on_fail:
+            if save_fused is not None:
+                step(f"saving the folded model to {save_fused}")
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    fused_format = _save_fused(folded, export_example, save_fused, dynamic_batch, atol, rtol)
+                notes += [f"{w.category.__name__}: {_first_line(w.message)}" for w in caught]
+            step(f"writing {output}")
+            with atomic_output(output) as tmp:
+                shutil.copyfile(onnx_path, tmp)
+            written = str(output)
+
+    return FuseExportReport(
+        output=written, exporter=exported.exporter, opset=exported.opset, dynamic_batch=dynamic_batch,
+        input_shapes=[list(t.shape) for t in example], input_source=source,
+        folded=list(fold_report.folded), unfolded=list(fold_report.unfolded),
+        fold_method=fold_report.method, fold_note=fold_report.note, fold_check=fold_check, parity=parity,
+        onnx={"nodes": exported.nodes, "batchnorm_nodes": exported.batchnorm_nodes,
+              "input_names": exported.input_names, "output_names": exported.output_names},
+        save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
+        warnings=list(dict.fromkeys(notes)),
+    )
+
+
+def infer_input_shape(model) -> tuple[tuple[int, ...], str]:
+    """A one-sample input shape for the first conv or linear layer (module order), and what it came from."""
+    from torch import nn
+
+    convs = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
+             nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+    for name, module in model.named_modules():
+        for kind, dims in convs.items():
+            if type(module) is kind or isinstance(module, kind):
+                size = DEFAULT_SPATIAL[dims]
+                shape = (1, module.in_channels, *([size] * dims))
+                return shape, (f"inferred from {type(module).__name__} '{name}' (in_channels={module.in_channels}) "
+                               f"with the default spatial size {'x'.join([str(size)] * dims)}")
+        if isinstance(module, nn.Linear):
+            return (1, module.in_features), \
+                f"inferred from Linear '{name}' (in_features={module.in_features})"
+    raise NormcliError("cannot infer the input shape: the model has no conv or linear layer; "
+                       "pass --input-shape (e.g. --input-shape 1,3,224,224)")
+
+
+def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: int, seed: int,
+                   dynamic_batch: bool, dtype) -> tuple[list[tuple], str]:
+    """The parity samples (the first is the export's example) and a note on where their shapes came from."""
+    import torch
+
+    from normcli.parity import make_inputs
+
+    if input_tensors:
+        given = tuple(t.to(dtype) if t.is_floating_point() else t for t in input_tensors)
+        inputs = [given]
+        if dynamic_batch:  # the same data at twice the batch size: a second batch size on real inputs
+            inputs.append(tuple(torch.cat([t, t]) for t in given))
+        return inputs, "--input"
+    if input_shapes:
+        shapes, source = [tuple(int(d) for d in s) for s in input_shapes], "--input-shape"
+    elif example_inputs:
+        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+        source = "the example inputs of the .pt2 archive"
+    else:
+        shape, source = infer_input_shape(model)
+        shapes = [shape]
+    for shape in shapes:
+        if not shape or any(d < 1 for d in shape):
+            raise NormcliError(f"input shape {','.join(map(str, shape))} is not valid: every dimension must be "
+                               "at least 1 (e.g. --input-shape 1,3,224,224)")
+    if not dynamic_batch:
+        return make_inputs(shapes, samples, seed=seed, dtype=dtype), source
+    # two batch sizes: the first half of the samples at the given batch, the rest at 2*batch+1
+    other = [(2 * s[0] + 1, *s[1:]) for s in shapes]
+    first = max(1, (samples + 1) // 2)
+    second = max(1, samples - first)
+    return (make_inputs(shapes, first, seed=seed, dtype=dtype)
+            + make_inputs(other, second, seed=seed + 1, dtype=dtype)), source
+
+
+def _fold_check(original, folded, inputs, atol: float, rtol: float) -> FoldCheck:
+    import numpy as np
+    import torch
+
+    from normcli.parity import mismatch_mask
+
+    passed, max_abs, max_rel = True, 0.0, 0.0
+    with torch.no_grad():
+        for sample in inputs:
+            want = torch.utils._pytree.tree_flatten(original(*sample))[0]
+            got = torch.utils._pytree.tree_flatten(folded(*sample))[0]
+            if len(want) != len(got):
+                return FoldCheck(False, float("inf"), float("inf"))
+            for a, b in zip(got, want):
+                a = a.detach().double().numpy()
+                b = b.detach().double().numpy()
+                if a.shape != b.shape:
+                    return FoldCheck(False, float("inf"), float("inf"))
+                passed &= not bool(mismatch_mask(a, b, atol, rtol).any())
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    diff = np.abs(a - b)
+                    diff[(a == b) | (np.isnan(a) & np.isnan(b))] = 0.0
+                    rel = diff[b != 0] / np.abs(b[b != 0])
+                if diff.size:
+                    max_abs = max(max_abs, float(diff.max())) if diff.max() == diff.max() else float("nan")
+                if rel.size and rel.max() == rel.max():
+                    max_rel = max(max_rel, float(rel.max()))
+    return FoldCheck(passed, max_abs, max_rel)
+
+
+def _save_fused(folded, example: tuple, path: Path, dynamic_batch: bool, atol: float, rtol: float) -> str:
+    """Write the folded model in a form plain torch loads, load it back, and compare. Returns the format."""
+    import torch
+
+    from normcli.parity import mismatch_mask
+
+    with atomic_output(path) as tmp:
+        if path.suffix == ".pt2":
+            dynamic = tuple({0: torch.export.Dim("batch")} for _ in example) if dynamic_batch else None
+            try:
+                program = torch.export.export(folded, example, dynamic_shapes=dynamic)
+                buffer = io.BytesIO()  # torch.export wants a .pt2 name; the temporary file has another
+                torch.export.save(program, buffer)
+                tmp.write_bytes(buffer.getvalue())
+                with open(tmp, "rb") as f:
+                    reloaded = torch.export.load(io.BytesIO(f.read())).module()
+            except Exception as e:
+                raise NormcliError(f"cannot save the folded model as a torch.export archive ({_first_line(e)}); "
+                                   "give --save-fused a path not ending in .pt2 to save TorchScript") from e
+            fmt = "pt2"
+        else:
+            try:
+                scripted = torch.jit.script(folded)
+                fmt = "torchscript"
+            except Exception:  # some fx graphs do not script; a trace of the same graph is equivalent
+                try:
+                    scripted = torch.jit.trace(folded, example, check_trace=False)
+                except Exception as e:
+                    raise NormcliError(f"cannot save the folded model as TorchScript ({_first_line(e)}); "
+                                       "give --save-fused a path ending in .pt2 instead") from e
+                fmt = "torchscript (traced)"
+            torch.jit.save(scripted, str(tmp))
+            reloaded = torch.jit.load(str(tmp), map_location="cpu")
+        with torch.no_grad():
+            want = torch.utils._pytree.tree_flatten(folded(*example))[0]
+            got = torch.utils._pytree.tree_flatten(reloaded(*example))[0]
+        if len(want) != len(got) or any(a.shape != b.shape or mismatch_mask(a.double().numpy(), b.double().numpy(),
+                                                                             atol, rtol).any()
+                                        for a, b in zip(got, want)):
+            raise NormcliError(f"the saved folded model {path} does not compute what the folded model computes; "
+                               "nothing was written")
+    return fmt
+
+
+def _eval_mode(model) -> None:
+    try:
+        model.eval()
+    except NotImplementedError:
+        # a module unlifted from a torch.export archive refuses eval(): its graph was captured in one mode
+        # already, and the flag only tells the fold that no module is training
+        for module in model.modules():
+            module.training = False
+
+
+def _input_dtype(model):
+    import torch
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _shapes(inputs) -> str:
+    return " ".join(",".join(map(str, t.shape)) for t in inputs)
+
+
+def _first_line(error: BaseException | Warning) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
