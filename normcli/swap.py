@@ -408,6 +408,13 @@ def swap_norms(
         report.absorbed_activations = absorbed
         if absorbed:
             result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+            called = {node.target for node in graph.nodes if node.op == "call_module"}
+            for name in [n for n in replacements if n not in called]:
+                # a GraphModule keeps only what its graph uses
+                del replacements[name]
+                report.replaced = [r for r in report.replaced if r["name"] != name]
+                report.skipped.append({"name": name, "reason": "it is never called in forward, and the traced "
+                                       "result keeps only the modules forward calls"})
     elif target.absorbs_relu and replacements:
         report.notes.append("the ReLUs after the swapped BatchNorms were kept, since the dataflow is unknown")
     for name, new in replacements.items():

@@ -308,3 +308,19 @@ def test_frn_bn3d_and_conv1d_models_keep_rank():
     swapped, report = swap_norms(model, "frn", input_shape=(1, 2, 3, 3, 3))
     assert isinstance(swapped.get_submodule("1"), FilterResponseNorm3d)
     assert report.absorbed_activations == ["2 (after 1)"] and relu_calls(swapped) == []
+
+
+def test_unused_batchnorm_in_a_traced_result_is_reported_as_skipped():
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+            self.spare = nn.BatchNorm2d(4)  # registered, never called
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x)))
+
+    swapped, report = swap_norms(Spare(), "frn", input_shape=(1, 3, 4, 4))
+    assert [r["name"] for r in report.replaced] == ["bn"]
+    assert report.skipped[0]["name"] == "spare" and "never called" in report.skipped[0]["reason"]
+    assert set(swapped.state_dict()) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.tau"}
