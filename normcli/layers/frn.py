@@ -59,23 +59,36 @@ class _FilterResponseNormTLU(torch.autograd.Function):
         acc = inv.dtype
         gz = gz.contiguous()
         size_s = x3.shape[2]
-        # d max(y, tau) / dy: 1 where y > tau, 1/2 where y == tau, 0 where y < tau (torch.maximum's rule).
-        # (sign(y - tau) + 1) / 2 is exactly that, and cheaper than heaviside or where.
-        gy = torch.sub(y, tau.to(y.dtype)[:, None]).sign_().add_(1).mul_(gz).mul_(0.5)
-        sum_gz = gz.sum(dim=(0, 2), dtype=acc)
-        sum_gy = gy.sum(dim=(0, 2), dtype=acc)
-        if gy.dtype == acc:
-            # sum_S(gy * x) per (n, c) as a dot product: one pass, no temporary.
-            gyx = torch.linalg.vecdot(gy, x3, dim=2).unsqueeze(2)
-        else:
-            gyx = (gy.to(acc) * x3.to(acc)).sum(dim=2, keepdim=True)
+        n, c = x3.shape[0], x3.shape[1]
         w = weight.to(acc)[:, None]
+        # d max(y, tau) / dy is 1 where y > tau, 1/2 where y == tau, 0 where y < tau (torch.maximum's rule):
+        # that is (sign(y - tau) + 1) / 2, so gz + sign(y - tau) * gz is twice the gradient gy reaching y.
+        gy2 = torch.sub(y, tau.to(y.dtype)[:, None]).sign_()
+        torch.addcmul(gz, gy2, gz, out=gy2)
+        sum_gz = gz.sum(dim=(0, 2), dtype=acc)
+        needs_x = ctx.needs_input_grad[0]
+        grad_x = None
+        if gy2.dtype == acc:
+            # BatchNorm's eval backward over the (1, N*C, S) view, with mean 0, var 1, eps 0 and weight
+            # w * inv / 2, returns gy * w * inv, sum_S(gy2 * x) and sum_S(gy2) per (n, c) in one fused pass.
+            ones = torch.ones(n * c, dtype=acc, device=x3.device)
+            grad_x, sum_gy2x, sum_gy2 = torch.ops.aten.native_batch_norm_backward(
+                gy2.view(1, n * c, -1), x3.view(1, n * c, -1), (w * inv * 0.5).flatten(), torch.zeros_like(ones),
+                ones, None, None, False, 0.0, [needs_x, True, True],
+            )
+            gyx = (sum_gy2x * 0.5).view(n, c, 1)
+            sum_gy = sum_gy2.view(n, c).sum(0) * 0.5
+        else:
+            gy = gy2.to(acc).mul_(0.5)
+            gyx = (gy * x3.to(acc)).sum(dim=2, keepdim=True)
+            sum_gy = gy.sum(dim=(0, 2))
+            if needs_x:
+                grad_x = gy.mul_(w * inv)
         # d inv / d x = -inv^3 x / S, d inv / d eps = -inv^3 / 2
         inv3_gyx = inv.pow(3).mul_(gyx).mul_(w)
-        grad_x = grad_weight = grad_bias = grad_tau = grad_eps_l = None
-        if ctx.needs_input_grad[0]:
-            coef_x = (inv3_gyx / -size_s).to(gy.dtype)
-            grad_x = gy.mul_((w * inv).to(gy.dtype)).addcmul_(x3, coef_x)
+        grad_weight = grad_bias = grad_tau = grad_eps_l = None
+        if needs_x:
+            grad_x = grad_x.view(x3.shape).addcmul_(x3.to(grad_x.dtype), inv3_gyx / -size_s).to(x3.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (inv * gyx).sum(dim=(0, 2)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
