@@ -324,3 +324,37 @@ def test_unused_batchnorm_in_a_traced_result_is_reported_as_skipped():
     assert [r["name"] for r in report.replaced] == ["bn"]
     assert report.skipped[0]["name"] == "spare" and "never called" in report.skipped[0]["reason"]
     assert set(swapped.state_dict()) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.tau"}
+
+
+def test_mabn_swap_folds_into_convs():
+    from normcli.fold import fold_batchnorm
+
+    torch.manual_seed(5)
+    model = randomise_bn(Block()).eval()
+    swapped, _ = swap_norms(model, "mabn", input_shape=(1, 4, 6, 6))
+    folded, _ = fold_batchnorm(swapped.eval())
+    assert not any(isinstance(m, MABN2d) for m in folded.modules())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_frn_swap_exports_to_onnx_with_parity(tmp_path):
+    import contextlib
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+
+    torch.manual_seed(6)
+    swapped, report = swap_norms(randomise_bn(Block()), "frn", input_shape=(1, 4, 6, 6))
+    assert isinstance(swapped, torch.fx.GraphModule) and report.absorbed_activations
+    swapped.eval()
+    x = torch.randn(2, 4, 6, 6)
+    path = tmp_path / "frn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(swapped, (x,), str(path), input_names=["x"], output_names=["y"])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, swapped(x).numpy(), atol=1e-4, rtol=1e-3)
