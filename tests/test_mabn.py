@@ -288,3 +288,24 @@ def test_onnx_export_parity(tmp_path):
     mabn = trained_layer_for(8).eval()
     model = nn.Sequential(CenConv2d(3, 8, 3, padding=1), mabn, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     onnx_parity(model, torch.randn(2, 3, 10, 10) * 3, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_reduces_in_float32(dtype):
+    # |x| ~ 300: x^2 overflows float16; the statistics must come out as in float32
+    rng = np.random.default_rng(9)
+    half, ref = MABN2d(4, 2, 4, warmup_iters=1), ReferenceMABN(np.ones(4), np.zeros(4), 2, 4, 1e-5, 0.98, 1)
+    for t in range(1, 6):
+        x = torch.from_numpy(rng.standard_normal((2, 4, 5, 5)) * 300).to(dtype)
+        g_np = rng.standard_normal((2, 4, 5, 5))
+        x_leaf = x.clone().requires_grad_(True)
+        half.zero_grad()
+        out = half(x_leaf)
+        out.backward(torch.from_numpy(g_np).to(dtype))
+        ref_out = ref.forward(x.double().numpy())
+        _, ref_gw, _ = ref.backward(g_np)
+    assert out.dtype == dtype and half.weight.grad.dtype == torch.float32
+    np.testing.assert_allclose(half.running_var.numpy(), ref.running_var, rtol=1e-5)
+    np.testing.assert_allclose(out.detach().double().numpy(), ref_out, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(half.weight.grad.numpy(), ref_gw, rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(x_leaf.grad).all()
