@@ -64,6 +64,10 @@ class Placeholder:
     def __setstate__(self, state):
         object.__setattr__(self, "_state", state)
 
+    def __call__(self, *args, **kwargs):
+        # a placeholder obtained from another (getattr(<builtins>, "eval")) is called by REDUCE: stay inert
+        return _Result(self, args)
+
     def __setitem__(self, key, value):
         self._items[key] = value
 
@@ -75,6 +79,12 @@ class Placeholder:
 
     def __repr__(self):
         return f"<placeholder {self.qualname}>"
+
+
+class _Result(Placeholder):
+    """What calling a placeholder instance returns: a record of the call, nothing more."""
+
+    qualname = "<call>"
 
 
 class StorageType:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normcli.errors import NormcliError
+from normcli.fx_tools import drop_string_annotations
 from normcli.layers import CenConv2d, FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d, MABN2d
 
 __all__ = ["SWAP_TARGETS", "SwapReport", "SwapTarget", "swap_norms"]
@@ -314,6 +315,7 @@ def _relu_label(node: torch.fx.Node) -> str:
 def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
     try:
         graph = torch.fx.Tracer().trace(model)
+        drop_string_annotations(graph)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; all mean the same here
         report.traced = False
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -13,6 +13,7 @@ import typer
 
 from normcli._version import __version__
 from normcli.cli import inspect as inspect_cmd
+from normcli.cli import swap as swap_cmd
 
 app = typer.Typer(
     name="normcli",
@@ -39,6 +40,7 @@ def _root(
 
 
 app.command("inspect")(inspect_cmd.inspect)
+app.command("swap")(swap_cmd.swap)
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -67,3 +67,18 @@ UnsafeLoadOption = typer.Option(False, "--unsafe-load",
                                      "Only for files you trust.")
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
 DebugOption = typer.Option(False, "--debug", help="Show Python tracebacks on errors.", hidden=False)
+
+
+def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
+    """``1,3,224,224`` -> (1, 3, 224, 224), with an error that says what a shape looks like."""
+    from normcli.errors import NormcliError
+
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise NormcliError(f"{option} {text!r} is not a shape; give positive integers separated by commas, "
+                           f"e.g. {option} 1,3,224,224")
+    return shape

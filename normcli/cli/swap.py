@@ -1,0 +1,153 @@
+"""`normcli swap PATH --to frn|mabn -o OUT`: replace BatchNorm with batch-size-independent layers."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
+                                err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
+
+# The choices are validated against normcli.swap.SWAP_TARGETS when the command runs (importing it here would
+# import torch for --help); tests/test_cli_swap.py checks that this help names exactly the registry's keys.
+TO_HELP = "Target: frn (FRN + TLU, absorbs the ReLU after each BN) or mabn (MABN2d, same eval output)."
+MABN_EXACT_REL = 1e-5  # converting to MABN must not change the eval output beyond rounding
+
+
+def swap(
+    path: str = typer.Argument(..., help="Checkpoint whose BatchNorm layers to replace."),
+    to: str = typer.Option(..., "--to", help=TO_HELP),
+    output: str = typer.Option(..., "-o", "--output", help="Where to write the swapped model."),
+    arch: Optional[str] = ArchOption,
+    arch_kwargs: Optional[str] = ArchKwargsOption,
+    include: Optional[List[str]] = typer.Option(None, "--include", metavar="GLOB",
+                                                help="Only swap BatchNorms whose name matches (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="GLOB",
+                                                help="Leave BatchNorms whose name matches (repeatable)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", metavar="SHAPE",
+                                              help="Probe input shape, e.g. 1,3,224,224 (default: guessed "
+                                                   "from the first conv/linear layer)."),
+    learnable_eps: Optional[bool] = typer.Option(None, "--learnable-eps/--fixed-eps",
+                                                 help="frn: learnable eps (also swaps BatchNorm1d after Linear)."),
+    batch: Optional[int] = typer.Option(None, "--B", help="mabn: batch size one step sees (default 2)."),
+    real_batch: Optional[int] = typer.Option(None, "--real-B",
+                                             help="mabn: batch size whose statistics are emulated (default 16)."),
+    warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters", help="mabn: warm-up steps (default 100)."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="mabn: running_var momentum (default 0.98)."),
+    cenconv: Optional[bool] = typer.Option(None, "--cenconv/--no-cenconv",
+                                           help="mabn: also centre the convs feeding each MABN (changes the "
+                                                "function; the drift is reported)."),
+    json_out: bool = JsonOption,
+    unsafe_load: bool = UnsafeLoadOption,
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    key: Optional[str] = typer.Option(None, "--key", help="Entry of a nested checkpoint that holds the weights."),
+    debug: bool = DebugOption,
+) -> None:
+    """Replace BatchNorm with FRN + TLU or MABN, report what changed, and write the swapped model."""
+    from normcli.atomic import atomic_output, check_output_path
+    from normcli.errors import CheckFailed, NormcliError
+
+    out = check_output_path(output, inputs=(path,), force=force)
+    shape = parse_shape(input_shape, "--input-shape") if input_shape else None
+    kwargs = parse_arch_kwargs(arch_kwargs)
+
+    import torch
+
+    from normcli.loading import load_model
+    from normcli.swap import SWAP_TARGETS, swap_norms
+
+    if to not in SWAP_TARGETS:
+        raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
+    given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
+             "momentum": momentum, "cenconv": cenconv}
+    foreign = [k for k, v in given.items() if v is not None and k not in SWAP_TARGETS[to].defaults]
+    if foreign:
+        raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
+    options = {k: v for k, v in given.items() if k in SWAP_TARGETS[to].defaults}
+
+    loaded = load_model(path, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key)
+    if isinstance(loaded.model, torch.jit.ScriptModule):
+        raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
+                           "--arch instead")
+    model = loaded.model.eval()
+    if not json_out:
+        err_console.print(f"swapping BatchNorm for {to} in {path} ...")
+    result, report = swap_norms(model, to, include=include or None, exclude=exclude or None,
+                                input_shape=shape, **options)
+
+    failures = _failed_checks(report)
+    doc = _report_json(report, None if failures else str(out))
+    if not failures:
+        with atomic_output(out) as tmp:
+            if loaded.flavour == "state_dict":
+                # the same arch + swap_norms(same options) rebuilds the module this state dict loads into
+                torch.save({"state_dict": result.state_dict(),
+                            "normcli_swap": {"to": to, "options": report.options, "arch": loaded.arch,
+                                             "arch_kwargs": loaded.arch_kwargs, "include": include or None,
+                                             "exclude": exclude or None, "input_shape": report.input_shape}},
+                           tmp)
+            else:
+                torch.save(result, tmp)
+    if json_out:
+        print_json(doc)
+    else:
+        _render(report, doc["output"])
+    if failures:
+        raise CheckFailed(f"swap check failed: {'; '.join(failures)}; nothing was written")
+    if not report.replaced:
+        err_console.print("note: no BatchNorm was replaced (see skipped)")
+
+
+def _failed_checks(report) -> list[str]:
+    failures = []
+    if report.train_check is not None and not report.train_check.get("passed"):
+        tc = report.train_check
+        failures.append("train-mode forward/backward at batch 2 " +
+                        (f"raised {tc['error']}" if tc.get("error") else
+                         f"gave non-finite gradients in {', '.join(tc['nonfinite_grads'][:5])}"))
+    drift = report.eval_drift
+    if report.to == "mabn" and not report.options.get("cenconv") and drift is not None \
+            and not drift["max_rel"] <= MABN_EXACT_REL:
+        failures.append(f"MABN eval output drifted by {drift['max_rel']:.3g} (relative), more than "
+                        f"{MABN_EXACT_REL:g}")
+    return failures
+
+
+def _report_json(report, output: str | None) -> dict:
+    doc = jsonable(report.to_dict())
+    doc["output"] = output
+    doc["eval_drift"] = doc.get("eval_drift") or {"max_abs": None, "max_rel": None}
+    return doc
+
+
+def _render(report, output: str | None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = out_console
+    table = Table(title=f"swap to {report.to}", title_justify="left", header_style="bold", box=None,
+                  pad_edge=False)
+    for col in ("layer", "from", "to"):
+        table.add_column(col)
+    for r in report.replaced:
+        table.add_row(escape(r["name"]), r["from"], r["to"])
+    console.print(table)
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/] {escape(s['name'])}: {escape(s['reason'])}", soft_wrap=True)
+    if report.absorbed_activations:
+        console.print(f"absorbed activations ({len(report.absorbed_activations)}): "
+                      f"{escape(', '.join(report.absorbed_activations))}", soft_wrap=True)
+    if report.centred_convs:
+        console.print(f"centred convs: {escape(', '.join(report.centred_convs))}", soft_wrap=True)
+    console.print(f"parameters: {report.params_before:,} -> {report.params_after:,}")
+    if report.eval_drift is not None:
+        console.print(f"eval drift on probe inputs {report.input_shape}: max abs {report.eval_drift['max_abs']:.3g}, "
+                      f"max rel {report.eval_drift['max_rel']:.3g}")
+    if report.train_check is not None:
+        ok = report.train_check.get("passed")
+        console.print(f"train check (forward + backward, batch {report.train_check.get('batch_size')}): "
+                      + ("[green]gradients finite[/]" if ok else "[red]failed[/]"))
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", style="dim", soft_wrap=True)
+    console.print(f"wrote {escape(output)}" if output else "[red]nothing written[/]")
