@@ -138,14 +138,14 @@ def pt2_with_payload(pt2: Path, dst: Path, payload) -> Path:
 
 # ------------------------------------------------------------------------------------------ broken files
 
-def patch_zip_entry_size(data: bytes, name_suffix: str, size: int) -> bytes:
-    """Make the local and central headers of one entry declare ``size`` bytes (compressed and not)."""
+def patch_zip_entry_size(data: bytes, name_suffix: str, compressed: int, size: int) -> bytes:
+    """Make the local and central headers of one entry declare these compressed and uncompressed sizes."""
     buf = bytearray(data)
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         info = next(i for i in z.infolist() if i.filename.endswith(name_suffix))
     name = info.filename.encode()
     local = info.header_offset
-    struct.pack_into("<II", buf, local + 18, size, size)
+    struct.pack_into("<II", buf, local + 18, compressed, size)
     central = 0
     while True:
         central = data.index(b"PK\x01\x02", central)
@@ -153,7 +153,7 @@ def patch_zip_entry_size(data: bytes, name_suffix: str, size: int) -> bytes:
         if data[central + 46:central + 46 + nlen] == name:
             break
         central += 4
-    struct.pack_into("<II", buf, central + 20, size, size)
+    struct.pack_into("<II", buf, central + 20, compressed, size)
     return bytes(buf)
 
 
