@@ -76,15 +76,13 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
         raise NormcliError("the model is in training mode; call model.eval() before exporting it, "
                            "or BatchNorm would be exported with batch statistics")
 
-    with torch.no_grad():
-        outputs = model(*example_inputs)
-    flat_outputs, _ = torch.utils._pytree.tree_flatten(outputs)
     input_names = list(input_names) if input_names is not None else default_input_names(model, len(example_inputs))
-    output_names = list(output_names) if output_names is not None else default_output_names(outputs)
     if len(input_names) != len(example_inputs):
         raise NormcliError(f"{len(input_names)} input names given for {len(example_inputs)} inputs")
-    if len(output_names) != len(flat_outputs):
-        raise NormcliError(f"{len(output_names)} output names given for {len(flat_outputs)} outputs")
+    if output_names is None:  # named after the outputs, so the model runs once here
+        with torch.no_grad():
+            output_names = default_output_names(model(*example_inputs))
+    output_names = list(output_names)
 
     kwargs: dict[str, Any] = dict(input_names=input_names, output_names=output_names, opset_version=opset)
     if exporter == "dynamo":
@@ -119,6 +117,9 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
         notes.append(f"onnx full check (strict shape inference) failed: {_first_line(e)}")
 
     proto = onnx.load(str(path), load_external_data=False)
+    if len(proto.graph.output) != len(output_names):
+        raise NormcliError(f"{len(output_names)} output names given, but the exported model has "
+                           f"{len(proto.graph.output)} outputs")
     written_opset = model_opset(proto)
     if written_opset != opset:
         raise NormcliError(f"asked for opset {opset} but the {exporter} exporter wrote opset {written_opset}; "

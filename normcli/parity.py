@@ -42,12 +42,14 @@ class ParityResult:
 
 
 def check_parity(torch_model, onnx_path: str | os.PathLike, inputs: Sequence[tuple], *,
-                 atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> ParityResult:
+                 atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                 references: Sequence[Sequence] | None = None) -> ParityResult:
     """Run ``torch_model`` and an onnxruntime CPU session of ``onnx_path`` on each input tuple and compare.
 
     inputs: one tuple of tensors per sample (see ``make_inputs``); samples may differ in batch size when
     the ONNX model has a symbolic batch dimension. Several outputs (tuple, list, dict) are matched to the
-    ONNX outputs in order.
+    ONNX outputs in order. references: the torch model's flattened outputs per sample, when the caller has
+    them already (then ``torch_model`` is not run).
     """
     import numpy as np
     import torch
@@ -61,13 +63,18 @@ def check_parity(torch_model, onnx_path: str | os.PathLike, inputs: Sequence[tup
     names = [o.name for o in session.get_outputs()]
     stats = [_ErrorStats(name) for name in names]
 
-    for sample in inputs:
+    if references is not None and len(references) != len(inputs):
+        raise NormcliError(f"{len(references)} reference outputs given for {len(inputs)} samples")
+    for index, sample in enumerate(inputs):
         sample = tuple(sample)
         if len(sample) != len(onnx_inputs):
             raise NormcliError(f"the ONNX model {onnx_path} takes {len(onnx_inputs)} inputs "
                                f"({', '.join(i.name for i in onnx_inputs)}), but {len(sample)} were given")
-        with torch.no_grad():
-            reference = torch.utils._pytree.tree_flatten(torch_model(*sample))[0]
+        if references is not None:
+            reference = list(references[index])
+        else:
+            with torch.no_grad():
+                reference = torch.utils._pytree.tree_flatten(torch_model(*sample))[0]
         feed = {spec.name: _to_numpy(t) for spec, t in zip(onnx_inputs, sample)}
         try:
             got = session.run(None, feed)

@@ -254,3 +254,18 @@ def test_load_input_file_refuses_bad_files_without_running_their_code(tmp_path, 
     with pytest.raises(NormcliError, match=message):
         load_input_file(path)
     assert not _Payload.target.exists()
+
+
+def test_precomputed_references_replace_running_the_torch_model(block_files):
+    model, files = block_files
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.fc.bias[0] += 0.25
+    inputs = make_inputs([(2, 3, 6, 6)], samples=2, seed=5)
+    with torch.no_grad():
+        references = [list(changed(*s)) for s in inputs]
+
+    from_references = check_parity(model, files["dynamo"], inputs, references=references)
+    from_model = check_parity(changed, files["dynamo"], inputs)
+    assert not from_references.passed
+    assert from_references.outputs == from_model.outputs
