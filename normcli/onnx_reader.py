@@ -33,6 +33,11 @@ def read_onnx_norms(path: str | os.PathLike) -> list[NormLayer]:
                            "corrupt") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.initializer):
         raise NormcliError(f"{path}: the ONNX model has no graph; the file is truncated or corrupt")
+    try:  # statistics of a graph that cannot run would describe nothing real
+        onnx.checker.check_model(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NormcliError(f"{path}: the ONNX graph is invalid ({first}); re-export the model") from None
     constants: dict[str, np.ndarray | None] = {}
     for init in model.graph.initializer:
         constants[init.name] = _to_array(init, numpy_helper)

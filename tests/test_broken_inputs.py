@@ -134,10 +134,6 @@ def _junk_mixed(d: Path) -> Path:
     return _write(d, "junk_mixed.pt", _torch_bytes(sd))
 
 
-ONNX_BUG = pytest.mark.xfail(
-    strict=True, reason="onnx_reader: inspect reads BatchNormalization constants from an ONNX graph that fails "
-    "onnx.checker (a node consumes a tensor nothing produces) and exits 0 instead of exit 2 with an error line")
-
 FILE_CASES = [
     ("empty", lambda d: _write(d, "empty.pt", b"")),
     ("directory", _directory),
@@ -182,7 +178,7 @@ def _zip_of(entries: dict[str, bytes]) -> bytes:
 
 def _file_params():
     for name, build in FILE_CASES:
-        marks = [ONNX_BUG] if name == "onnx-broken-graph" else []
+        marks = []
         yield pytest.param(build, id=name, marks=marks)
 
 

@@ -59,19 +59,13 @@ COMMANDS = [_command("inspect", inspect_plain), _command("inspect", inspect_arch
             _command("swap", swap_plain), _command("fuse-export", fuse_export_arch),
             _command("fuse-export", fuse_export_plain)]
 
-GETATTR_BUG = pytest.mark.xfail(
-    strict=True, reason="safe_pickle: a REDUCE whose callable is itself a placeholder *instance* (the result of "
-    "getattr(__import__('builtins'), 'eval')) raises TypeError \"'getattr' object is not callable\"; the "
-    "reader reports the file as 'truncated or corrupt' instead of inspecting the state dict beside it or "
-    "naming builtins.getattr/__import__ and --unsafe-load")
-
 # (container, payload route); the route names the global the error message must show
 CASE_LIST = ([("nested-ckpt", k) for k in REDUCE_KINDS]
              + [("legacy", "os.system"), ("legacy", "getattr-chain"),
                 ("raw-pickle", "os.system"), ("raw-pickle", "raw-getattr-chain"),
                 ("pt2-sample-inputs", "os.system"), ("pt2-sample-inputs", "builtins.exec"),
                 ("torchscript", None)])
-CASES = [pytest.param(c, k, id=f"{c}-{k}", marks=[GETATTR_BUG] if k == "getattr-chain" else [])
+CASES = [pytest.param(c, k, id=f"{c}-{k}", marks=[])
          for c, k in CASE_LIST]
 
 
@@ -179,7 +173,7 @@ SUBPROCESS_CASES = [("nested-ckpt", "os.system", inspect_plain), ("nested-ckpt",
                     ("pt2-sample-inputs", "os.system", swap_plain), ("pt2-sample-inputs", "os.system", inspect_arch),
                     ("raw-pickle", "raw-getattr-chain", inspect_plain), ("torchscript", None, fuse_export_plain)]
 SUBPROCESS_PARAMS = [pytest.param(c, k, a, id=f"{c}-{k}-{a.__name__}",
-                                  marks=[GETATTR_BUG] if k == "getattr-chain" else [])
+                                  marks=[])
                      for c, k, a in SUBPROCESS_CASES]
 
 
