@@ -14,7 +14,8 @@ The targets live in one registry, :data:`SWAP_TARGETS`; the CLI's ``--to`` choic
   NORM_LAYERS.md, so the eval output stays the same; ``cenconv=True`` also turns the convolutions feeding them
   into CenConv2d, which changes the function (reported as drift). BatchNorm1d/3d are skipped.
 
-Torch is imported at module level: only command bodies and Python users import this module.
+This module imports torch only inside its functions, so the CLI can build its ``--to`` choices from
+:data:`SWAP_TARGETS` without importing torch.
 """
 
 from __future__ import annotations
@@ -23,21 +24,17 @@ import copy
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from normcli.errors import NormcliError
 from normcli.fx_tools import drop_string_annotations
-from normcli.layers import CenConv2d, FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d, MABN2d
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["SWAP_TARGETS", "SwapReport", "SwapTarget", "swap_norms"]
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_FRN_BY_RANK = {2: FilterResponseNorm1d, 3: FilterResponseNorm1d, 4: FilterResponseNorm2d, 5: FilterResponseNorm3d}
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 PROBE_SEED = 0
 TRAIN_CHECK_BATCH = 2
 
@@ -82,6 +79,12 @@ class SwapTarget:
 
 
 def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    import torch
+    from torch import nn
+
+    from normcli.layers import FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d
+
+    frn_by_rank = {2: FilterResponseNorm1d, 3: FilterResponseNorm1d, 4: FilterResponseNorm2d, 5: FilterResponseNorm3d}
     learnable_eps = bool(options["learnable_eps"])
     if isinstance(bn, nn.BatchNorm2d):
         rank = 4
@@ -96,11 +99,11 @@ def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[st
     if rank == 2 and not learnable_eps:
         return ("it normalises (N, C) inputs, where FRN degenerates to sign(x); pass learnable_eps=True to "
                 "swap it for FRN with a learnable eps")
-    if rank not in _FRN_BY_RANK:
+    if rank not in frn_by_rank:
         return f"it sees {rank}-d inputs; FRN covers 2-d to 5-d inputs"
     ref = bn.running_var if bn.running_var is not None else bn.weight
     factory = {"device": None, "dtype": None} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    frn = _FRN_BY_RANK[rank](bn.num_features, learnable_eps=learnable_eps, **factory)
+    frn = frn_by_rank[rank](bn.num_features, learnable_eps=learnable_eps, **factory)
     if bn.weight is not None:
         with torch.no_grad():
             frn.weight.copy_(bn.weight)
@@ -123,6 +126,10 @@ def _validate_mabn(options: Mapping[str, Any]) -> None:
 
 
 def _convert_mabn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    from torch import nn
+
+    from normcli.layers import MABN2d
+
     if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm3d)):
         return f"MABN2d covers 4-d feature maps only; {type(bn).__name__} stays"
     if isinstance(bn, nn.SyncBatchNorm) and rank != 4:
@@ -186,6 +193,8 @@ def _count_params(model: nn.Module) -> int:
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    import torch
+
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
@@ -193,6 +202,8 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def _probe_inputs(model: nn.Module, shape: Sequence[int], count: int) -> list[torch.Tensor]:
+    import torch
+
     dtype, device = _model_dtype_device(model)
     gen = torch.Generator().manual_seed(PROBE_SEED)
     return [torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -200,6 +211,8 @@ def _probe_inputs(model: nn.Module, shape: Sequence[int], count: int) -> list[to
 
 
 def _output_tensors(out: Any) -> list[torch.Tensor]:
+    import torch
+
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
@@ -227,6 +240,8 @@ class _ModeRestored:
 
 def _probe(model: nn.Module, inputs: list[torch.Tensor], record_ranks: Iterable[str] = ()) -> tuple[list, dict]:
     """Eval outputs on the probe inputs and the input rank each named BatchNorm saw."""
+    import torch
+
     ranks: dict[str, int] = {}
     handles = []
     for name in record_ranks:
@@ -262,6 +277,8 @@ def _drift(before: list[list[torch.Tensor]], after: list[list[torch.Tensor]]) ->
 
 def _train_check(model: nn.Module, shape: Sequence[int]) -> dict[str, Any]:
     """One forward and backward in train mode at batch size 2, on a copy (the result's buffers stay as they are)."""
+    import torch
+
     trial = copy.deepcopy(model).train()
     x = _probe_inputs(trial, [TRAIN_CHECK_BATCH] + list(shape[1:]), 1)[0]
     result: dict[str, Any] = {"passed": False, "batch_size": TRAIN_CHECK_BATCH, "nonfinite_grads": [], "error": None}
@@ -282,6 +299,8 @@ def _train_check(model: nn.Module, shape: Sequence[int]) -> dict[str, Any]:
 
 def _infer_input_shape(model: nn.Module) -> list[int] | None:
     """A guess from the first conv or linear layer, for when the caller gave no shape."""
+    from torch import nn
+
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
             return [1, module.in_channels, 32]
@@ -295,10 +314,14 @@ def _infer_input_shape(model: nn.Module) -> list[int] | None:
 
 
 def _is_relu_call(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
     if node.op == "call_module":
         return type(modules.get(node.target)) is nn.ReLU
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
+        return node.target in (F.relu, torch.relu, torch.relu_)
     if node.op == "call_method":
         return node.target in ("relu", "relu_")
     return False
@@ -313,6 +336,8 @@ def _relu_label(node: torch.fx.Node) -> str:
 
 
 def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
+    import torch.fx
+
     try:
         graph = torch.fx.Tracer().trace(model)
         drop_string_annotations(graph)
@@ -359,6 +384,9 @@ def swap_norms(
     same architecture with the same options gives a model whose ``state_dict()`` has the same keys, so a
     saved state dict of the result loads into it.
     """
+    import torch.fx
+    from torch import nn
+
     if to not in SWAP_TARGETS:
         raise NormcliError(f"unknown swap target {to!r}; choose one of {', '.join(SWAP_TARGETS)}")
     target = SWAP_TARGETS[to]
@@ -368,7 +396,8 @@ def swap_norms(
     report.params_before = _count_params(model)
     model = model if inplace else copy.deepcopy(model)
 
-    norms = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _BATCHNORMS)]
+    norms = [(name, m) for name, m in model.named_modules() if name and isinstance(
+        m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))]
 
     shape = list(input_shape) if input_shape is not None else None
     if shape is None:
@@ -432,7 +461,8 @@ def swap_norms(
     return result, report
 
 
-def _absorb_relus(graph: torch.fx.Graph, modules: Mapping[str, nn.Module], replaced: Mapping[str, nn.Module]) -> list[str]:
+def _absorb_relus(graph: torch.fx.Graph, modules: Mapping[str, nn.Module],
+                  replaced: Mapping[str, nn.Module]) -> list[str]:
     """Remove each ReLU call that is the only consumer of a swapped BatchNorm's output; returns their labels."""
     absorbed = []
     for node in list(graph.nodes):
@@ -451,6 +481,11 @@ def _absorb_relus(graph: torch.fx.Graph, modules: Mapping[str, nn.Module], repla
 def _centre_convs(result: nn.Module, graph: torch.fx.Graph | None, modules: Mapping[str, nn.Module],
                   replaced: Mapping[str, nn.Module], report: SwapReport) -> None:
     """Turn each Conv2d whose output a new MABN2d normalises into a CenConv2d."""
+    import torch.fx
+    from torch import nn
+
+    from normcli.layers import CenConv2d
+
     if graph is None:
         report.notes.append("cenconv: the convolutions feeding each BatchNorm are unknown without a traced graph; "
                             "none was centred")
