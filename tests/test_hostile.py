@@ -149,14 +149,27 @@ def check_outcome(code: int, out: str, err: str, argv: list, container: str, kin
         assert expected_name(container, kind) in lines[0], lines[0]
 
 
+@pytest.fixture(scope="module")
+def hostile_file(tmp_path_factory, exported_pt2):
+    """Build each hostile file once per module (own directory, own marker); returns (file, marker)."""
+    built: dict = {}
+
+    def get(container: str, kind: str | None) -> tuple[Path, Path]:
+        if (container, kind) not in built:
+            built[(container, kind)] = build(container, kind, tmp_path_factory.mktemp("hostile"), exported_pt2)
+        return built[(container, kind)]
+
+    return get
+
+
 @pytest.mark.parametrize("force_env", [False, True], ids=["env-default", "env-force-no-weights-only"])
 @pytest.mark.parametrize("argv", COMMANDS)
 @pytest.mark.parametrize("container,kind", CASES)
-def test_payload_never_runs_in_process(cli, tmp_path, monkeypatch, exported_pt2, container, kind, argv, force_env):
+def test_payload_never_runs_in_process(cli, tmp_path, monkeypatch, hostile_file, container, kind, argv, force_env):
     monkeypatch.chdir(ROOT)
     if force_env:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    path, marker = build(container, kind, tmp_path, exported_pt2)
+    path, marker = hostile_file(container, kind)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     before = sha256(path)
@@ -168,18 +181,22 @@ def test_payload_never_runs_in_process(cli, tmp_path, monkeypatch, exported_pt2,
     assert list(out_dir.iterdir()) == []
 
 
-SUBPROCESS_CASES = [("nested-ckpt", "os.system", inspect_plain), ("nested-ckpt", "subprocess.Popen", swap_arch),
-                    ("nested-ckpt", "getattr-chain", fuse_export_arch), ("legacy", "os.system", swap_arch),
-                    ("pt2-sample-inputs", "os.system", swap_plain), ("pt2-sample-inputs", "os.system", inspect_arch),
-                    ("raw-pickle", "raw-getattr-chain", inspect_plain), ("torchscript", None, fuse_export_plain)]
-SUBPROCESS_PARAMS = [pytest.param(c, k, a, id=f"{c}-{k}-{a.__name__}",
-                                  marks=[])
-                     for c, k, a in SUBPROCESS_CASES]
+# (container, route, command, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1?)
+SUBPROCESS_CASES = [("nested-ckpt", "os.system", inspect_plain, True),
+                    ("nested-ckpt", "subprocess.Popen", swap_arch, False),
+                    ("nested-ckpt", "os.system", swap_arch, True),
+                    ("nested-ckpt", "getattr-chain", fuse_export_arch, True),
+                    ("legacy", "os.system", swap_arch, True),
+                    ("pt2-sample-inputs", "os.system", swap_plain, False),
+                    ("pt2-sample-inputs", "os.system", inspect_arch, True),
+                    ("raw-pickle", "raw-getattr-chain", inspect_plain, False),
+                    ("torchscript", None, fuse_export_plain, False)]
+SUBPROCESS_PARAMS = [pytest.param(c, k, a, f, id=f"{c}-{k}-{a.__name__}" + ("-env-force-no-weights-only" if f else ""))
+                     for c, k, a, f in SUBPROCESS_CASES]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("force_env", [False, True], ids=["env-default", "env-force-no-weights-only"])
-@pytest.mark.parametrize("container,kind,argv", SUBPROCESS_PARAMS)
+@pytest.mark.parametrize("container,kind,argv,force_env", SUBPROCESS_PARAMS)
 def test_payload_never_runs_in_the_installed_command(run_normcli, tmp_path, exported_pt2, container, kind, argv,
                                                      force_env):
     command = argv.__name__.split("_arch")[0].split("_plain")[0].replace("_", "-")
