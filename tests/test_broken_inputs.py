@@ -9,7 +9,9 @@ import os
 import random
 import shutil
 import struct
+import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -318,14 +320,26 @@ def mutate(data: bytes, ops) -> bytes:
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(FUZZ_SAMPLES), ops=st.lists(mutation, min_size=1, max_size=4))
 def test_inspect_survives_mutated_files(cli, name, ops):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / name
         p.write_bytes(mutate((SAMPLES / name).read_bytes(), ops))
         before = sha256(p)
-        code, out, err = cli("inspect", p, "--fail-on", "error")
+        # in a real run, warnings and unraisable exceptions would print extra lines on stderr: record them
+        unraisable = []
+        saved_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                # known, kept as the xfail case script-nan-cast-warning below; drop this line once it is fixed
+                warnings.filterwarnings("ignore", message="invalid value encountered in cast")
+                code, out, err = cli("inspect", p, "--fail-on", "error")
+        finally:
+            sys.unraisablehook = saved_hook
+        assert [str(w.message) for w in caught] == [] and unraisable == []
         assert code in (0, 1, 2), (code, err)
         assert "Traceback" not in err and "Traceback" not in out
         if code != 0:
