@@ -100,16 +100,34 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
             raise NormcliError(f"{path} holds a {tf.format} model; loading it needs --unsafe-load because it "
                                f"contains the classes {_names(tf.unsafe_globals)}; only use it on files you trust "
                                "(or pass --arch to load just its weights into your own model code)")
+        hint = ""
+        if tf.swap_options is not None and isinstance(tf.swap_options.get("arch"), str):
+            hint = f" (normcli swap wrote it from --arch {tf.swap_options['arch']})"
         raise NormcliError(f"{path} holds only a state dict ({len(tf.tensors)} tensors); pass --arch "
-                           "package.module:callable (or path/to/file.py:callable) to say which model it belongs to")
+                           "package.module:callable (or path/to/file.py:callable) to say which model it belongs "
+                           f"to{hint}")
     tf = read_tensors(path, key=key)
     if tf.unsafe_globals and not unsafe_load:
         raise NormcliError(f"{path} needs --unsafe-load because it contains the classes or functions "
                            f"{_names(tf.unsafe_globals)}, which loading would run; only use it on files you trust")
     model = build_arch(arch, arch_kwargs)
+    if tf.swap_options is not None:
+        model = _apply_swap(model, tf.swap_options, path)
     state_dict = _torch_state_dict(path, tf, unsafe_load)
     load_strict(model, state_dict, str(path), arch, tf.stripped_prefixes)
     return LoadedModel(model, tf.format, "state_dict", tf.state_dict_key, None, arch, dict(arch_kwargs or {}))
+
+
+def _apply_swap(model, meta: dict, path):
+    """A file written by `normcli swap` holds the swapped model's state dict: rebuild that model first."""
+    from normcli.swap import SWAP_TARGETS, swap_norms
+
+    to = meta.get("to")
+    if to not in SWAP_TARGETS or not isinstance(meta.get("options"), dict):
+        raise NormcliError(f"{path}: its normcli_swap entry names no known swap target ({to!r})")
+    swapped, _ = swap_norms(model.eval(), to, include=meta.get("include"), exclude=meta.get("exclude"),
+                            input_shape=meta.get("input_shape"), **meta["options"])
+    return swapped
 
 
 def _names(globals_: list[str], limit: int = 6) -> str:

@@ -53,6 +53,7 @@ class TensorFile:
     stripped_prefixes: list[str] = field(default_factory=list)
     unsafe_globals: list[str] = field(default_factory=list)
     other_state_dicts: list[str] = field(default_factory=list)   # e.g. an EMA copy next to the chosen one
+    swap_options: dict | None = None    # written by `normcli swap`: how to rebuild the swapped model
 
 
 def read_tensors(path: str | os.PathLike, key: str | None = None) -> TensorFile:
@@ -79,7 +80,20 @@ def read_tensors(path: str | os.PathLike, key: str | None = None) -> TensorFile:
                            "it is truncated or corrupt") from None
     tf = _interpret(p, root, "torchscript" if fmt == "torchscript" else fmt, key)
     tf.unsafe_globals = unpickler.unsafe_globals
+    if isinstance(root, dict) and isinstance(root.get("normcli_swap"), dict) and _plain_data(root["normcli_swap"]):
+        tf.swap_options = root["normcli_swap"]
     return tf
+
+
+def _plain_data(obj: Any, depth: int = 0) -> bool:
+    """Only JSON-like values (no placeholders, no tensors) count as swap options."""
+    if depth > 8:
+        return False
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _plain_data(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain_data(v, depth + 1) for v in obj)
+    return obj is None or isinstance(obj, (str, int, float, bool))
 
 
 # ----------------------------------------------------------------------------------------------- containers

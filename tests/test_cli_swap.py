@@ -99,3 +99,21 @@ def test_swap_through_installed_command(run_normcli, samples, tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert len(doc["replaced"]) == 16 and doc["eval_drift"]["max_rel"] <= 1e-5 and out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to, folded", [("frn", 0), ("mabn", 11)])
+def test_fuse_export_takes_a_swapped_file(cli, samples, tmp_path, to, folded):
+    swapped = tmp_path / f"{to}.pt"
+    assert cli("swap", samples / "resnet_tiny.pt", "--to", to, "-o", swapped, "--arch", ARCH)[0] == 0
+    onnx_path = tmp_path / f"{to}.onnx"
+    # the file says how it was swapped; --arch names the original architecture
+    code, out, err = cli("fuse-export", swapped, "-o", onnx_path, "--arch", ARCH, "--input-shape", "1,3,32,32",
+                         "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["parity"]["passed"] and doc["onnx"]["batchnorm_nodes"] == 0
+    assert len(doc["folded"]) == folded  # MABN in eval is an affine map and folds; FRN exports as plain ops
+    assert onnx_path.exists()
+    code, _, err = cli("fuse-export", swapped, "-o", tmp_path / "x.onnx")
+    assert code == 2 and "normcli swap wrote it from --arch" in err
