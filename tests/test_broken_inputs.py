@@ -124,6 +124,12 @@ def _onnx_empty_graph(d: Path) -> Path:
     return p
 
 
+def _unreadable(d: Path) -> Path:
+    p = _write(d, "locked.pt", (SAMPLES / "resnet_tiny.pt").read_bytes())
+    p.chmod(0)
+    return p
+
+
 def _directory(d: Path) -> Path:
     p = d / "a_directory.pt"
     p.mkdir()
@@ -139,6 +145,7 @@ def _junk_mixed(d: Path) -> Path:
 FILE_CASES = [
     ("empty", lambda d: _write(d, "empty.pt", b"")),
     ("directory", _directory),
+    ("unreadable", _unreadable),
     ("missing", lambda d: d / "missing.pt"),
     ("random-bytes", lambda d: _write(d, "random.pt", random.Random(1).randbytes(4096))),
     ("random-after-zip-magic", lambda d: _write(d, "pk.pt", b"PK\x03\x04" + random.Random(2).randbytes(4096))),
@@ -180,7 +187,7 @@ def _zip_of(entries: dict[str, bytes]) -> bytes:
 
 def _file_params():
     for name, build in FILE_CASES:
-        marks = []
+        marks = [pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")] if name == "unreadable" else []
         yield pytest.param(build, id=name, marks=marks)
 
 
@@ -193,7 +200,8 @@ def assert_clean_failure(code: int, out: str, err: str, codes=(2,)) -> str:
 
 
 def _snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): (sha256(p) if p.is_file() else "dir") for p in sorted(d.rglob("*"))}
+    return {str(p.relative_to(d)): (sha256(p) if p.is_file() and os.access(p, os.R_OK) else p.stat())
+            for p in sorted(d.rglob("*"))}
 
 
 def test_corpus_is_at_least_thirty_cases():
