@@ -76,7 +76,7 @@ def _zip_kind(p: Path) -> str:
                 return "torch-zip"
     except zipfile.BadZipFile as e:
         raise NormcliError(f"{p} is a damaged zip archive ({e}); the file is truncated or corrupt") from None
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:  # zipfile's many complaints
         raise NormcliError(f"{p}: cannot read the zip archive ({e}); the file is truncated or corrupt") from None
     raise NormcliError(f"{p} is a zip archive but not a torch checkpoint (no data.pkl, TorchScript code or "
                        "torch.export archive inside)")

@@ -178,7 +178,13 @@ def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | Non
             kind, is_inferred = "AffineNorm", True
         else:
             continue
-        layers.append(_make_layer(module, kind, is_inferred, members, module_eps.get(module)))
+        try:
+            layers.append(_make_layer(module, kind, is_inferred, members, module_eps.get(module)))
+        except NormcliError:
+            raise
+        except Exception as e:  # the bytes behind a tensor do not match its description
+            raise NormcliError(f"cannot read the tensors of layer {module!r} ({type(e).__name__}: {e}); "
+                               "the file is truncated or corrupt") from None
     return layers
 
 
@@ -198,7 +204,8 @@ def _is_float(t: Any) -> bool:
 def _load_vector(t: Any) -> np.ndarray | None:
     if t is None:
         return None
-    a = np.asarray(t.load(), dtype=np.float64)
+    with np.errstate(all="ignore"):  # a damaged file's values are reported as findings, not numpy warnings
+        a = np.asarray(t.load(), dtype=np.float64)
     return a.reshape(-1)
 
 

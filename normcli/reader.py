@@ -74,8 +74,7 @@ def read_tensors(path: str | os.PathLike, key: str | None = None) -> TensorFile:
             root, unpickler = _unpickle_zip(p)
     except NormcliError:
         raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, ValueError, KeyError,
-            IndexError, TypeError, AttributeError, RecursionError, OverflowError, MemoryError, OSError) as e:
+    except Exception as e:  # any failure to parse what the file claims means the file is damaged
         raise NormcliError(f"{p}: cannot read the {fmt} file ({type(e).__name__}: {e}); "
                            "it is truncated or corrupt") from None
     tf = _interpret(p, root, "torchscript" if fmt == "torchscript" else fmt, key)
@@ -166,17 +165,38 @@ def _unpickle_zip(p: Path) -> tuple[Any, SafeUnpickler]:
         ref = storage_from_pid(pid, reader)
         return storages.setdefault(ref.key, ref)
 
-    unpickler = SafeUnpickler(io.BytesIO(data), persistent_load)
-    return unpickler.load(), unpickler
+    return _checked_load(io.BytesIO(data), persistent_load)
+
+
+def _checked_load(stream, persistent_load=None) -> tuple[Any, SafeUnpickler]:
+    """Unpickle the next pickle in ``stream`` once its opcodes are known to fit in the data.
+
+    The opcodes are walked first with reads capped at the data's end, so a length field that claims
+    gigabytes fails here instead of making the unpickler allocate them.
+    """
+    import pickletools
+
+    start = stream.tell()
+    for op, _arg, _pos in pickletools.genops(stream):
+        if op.name == "STOP":
+            break
+    else:
+        raise pickle.UnpicklingError("pickle data was truncated")
+    end = stream.tell()
+    stream.seek(start)
+    unpickler = SafeUnpickler(io.BytesIO(stream.read(end - start)), persistent_load)
+    value = unpickler.load()
+    stream.seek(end)
+    return value, unpickler
 
 
 def _unpickle_legacy(p: Path) -> tuple[Any, SafeUnpickler]:
     mf = _MappedFile(p)
     f = _MMapReader(mf.mm)
-    if SafeUnpickler(f).load() != LEGACY_MAGIC:
+    if _checked_load(f)[0] != LEGACY_MAGIC:
         raise NormcliError(f"{p}: not a torch legacy file (bad magic number)")
-    SafeUnpickler(f).load()  # protocol version
-    SafeUnpickler(f).load()  # sys info
+    _checked_load(f)  # protocol version
+    _checked_load(f)  # sys info
     storages: dict[str, StorageRef] = {}
     offsets: dict[str, int] = {}
 
@@ -189,9 +209,8 @@ def _unpickle_legacy(p: Path) -> tuple[Any, SafeUnpickler]:
             raise pickle.UnpicklingError("legacy storage views are not supported")
         return storages.setdefault(ref.key, ref)
 
-    unpickler = SafeUnpickler(f, persistent_load)
-    root = unpickler.load()
-    keys = SafeUnpickler(f).load()
+    root, unpickler = _checked_load(f, persistent_load)
+    keys, _ = _checked_load(f)
     if not isinstance(keys, list):
         raise pickle.UnpicklingError("storage key list missing")
     pos = f.tell()
@@ -241,6 +260,10 @@ class _MMapReader(io.RawIOBase):
         return out
 
     def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self.mm) + pos)
         return self.pos
 
 

@@ -342,8 +342,6 @@ def test_inspect_survives_mutated_files(cli, name, ops):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                # known, kept as the xfail case script-nan-cast-warning below; drop this line once it is fixed
-                warnings.filterwarnings("ignore", message="invalid value encountered in cast")
                 code, out, err = cli("inspect", p, "--fail-on", "error")
         finally:
             sys.unraisablehook = saved_hook
@@ -362,23 +360,14 @@ def test_inspect_survives_mutated_files(cli, name, ops):
 # Inputs the fuzzer found, kept as fixed cases. Run through the installed command: in-process, pytest would
 # swallow the stray warning and unraisable-exception lines these produce on stderr.
 FOUND = [
-    pytest.param("resnet_tiny_script.pt", [("insert", 0.1696156192984114, b"Q\xf6l\xce")], id="script-nan-cast-warning",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "inspection.py:201 np.asarray(t.load(), dtype=np.float64) lets numpy print 'RuntimeWarning: "
-                     "invalid value encountered in cast' (two lines) on stderr next to the error line"))),
+    pytest.param("resnet_tiny_script.pt", [("insert", 0.1696156192984114, b"Q\xf6l\xce")], id="script-nan-cast-warning"),
     pytest.param("resnet_tiny_script.pt", [("flip", 0.9478799716619131, 218), ("insert", 0.8910752464204273, b"\xc9\x96,"),
                                            ("insert", 0.2638790533038168, b"\xfd\xc8\x9a\xfd[s\xa9U")],
-                 id="script-zip-version", marks=pytest.mark.xfail(strict=True, reason=(
-                     "zipfile raises NotImplementedError('zip file version 20.6') for a damaged entry header; the "
-                     "reader does not catch it, so the user sees the catch-all 'error: unexpected "
-                     "NotImplementedError ... rerun with --debug'"))),
+                 id="script-zip-version"),
     pytest.param("resnet_tiny_legacy.pt", [("insert", 0.6775056543538163, b"a\xf4\x82R\t\xf4|!m\x19\xea'w"),
                                            ("insert", 0.029156066412166393, b"z\x96\x99\x03"),
                                            ("delete", 0.5124434601334394, 41), ("delete", 0.09084973185573686, 28)],
-                 id="legacy-huge-pickle-length", marks=pytest.mark.xfail(strict=True, reason=(
-                     "a legacy pickle opcode declaring a huge length makes the unpickler allocate it through "
-                     "reader._MMapReader.readinto: MemoryError, and Python prints 'SystemError: deallocated "
-                     "bytearray object has exported buffers' on stderr before the error line"))),
+                 id="legacy-huge-pickle-length"),
 ]
 
 

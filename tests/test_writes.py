@@ -264,9 +264,6 @@ def test_sigkill_during_the_real_swap_write(tmp_path):
     assert all(p.name.endswith(".partial") for p in _temp_files(out_dir, dest))
 
 
-@pytest.mark.xfail(strict=True, reason="atomic.py: atomic_output creates its temporary file with tempfile.mkstemp "
-                   "(mode 0600) and renames it as is, so every output is unreadable to group/others (0600, not "
-                   "0666 & ~umask as with open())")
 def test_outputs_get_the_usual_file_permissions(tmp_path):
     """A file written through atomic_output is readable like any file the user creates (umask applies)."""
     from normcli.atomic import atomic_output
