@@ -55,3 +55,13 @@ def test_console_examples_match(command, expected):
     for line in expected:
         if line.strip():
             assert line.rstrip() in actual, f"README line not in today's output of {command!r}:\n{line}"
+
+
+def test_demo_table_is_the_committed_run():
+    """The README's small-batch table is the one examples/small_batch.py wrote, not retyped numbers."""
+    committed = (ROOT / "examples" / "small_batch.md").read_text()
+    rows = [line for line in README.splitlines() if line.startswith("| ") and ("+ ReLU |" in line or "+ TLU |" in line)]
+    assert len(rows) == 6
+    for row in rows:
+        assert any(line.startswith(row.rstrip()[:-1]) for line in committed.splitlines()), row
+    assert (ROOT / "examples" / "small_batch.png").stat().st_size > 1000
