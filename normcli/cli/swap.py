@@ -9,9 +9,9 @@ import typer
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
                                 err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
-# The choices are validated against normcli.swap.SWAP_TARGETS when the command runs (importing it here would
-# import torch for --help); tests/test_cli_swap.py checks that this help names exactly the registry's keys.
-TO_HELP = "Target: frn (FRN + TLU, absorbs the ReLU after each BN) or mabn (MABN2d, same eval output)."
+from normcli.swap import SWAP_TARGETS  # the registry itself imports no torch
+
+TO_HELP = "Target: " + "; ".join(f"{name}: {t.summary}" for name, t in SWAP_TARGETS.items()) + "."
 MABN_EXACT_REL = 1e-5  # converting to MABN must not change the eval output beyond rounding
 
 
@@ -55,7 +55,7 @@ def swap(
     import torch
 
     from normcli.loading import load_model
-    from normcli.swap import SWAP_TARGETS, swap_norms
+    from normcli.swap import swap_norms
 
     if to not in SWAP_TARGETS:
         raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
