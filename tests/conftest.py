@@ -57,3 +57,22 @@ def run_normcli():
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_onnx_parity(model, x, tmp_path, atol=1e-4, rtol=1e-3):
+    """Export ``model`` with torch.onnx.export and compare a real onnxruntime session with torch on ``x``."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    path = tmp_path / "model.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)

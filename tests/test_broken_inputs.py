@@ -4,7 +4,6 @@ line, no traceback, no output file, and the input's bytes unchanged. Plus a fuzz
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import shutil

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from normcli.layers import FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d
+from tests.conftest import assert_onnx_parity
 
 CLASSES = {1: FilterResponseNorm1d, 2: FilterResponseNorm2d, 3: FilterResponseNorm3d}
 SPATIAL = {1: (7,), 2: (5, 6), 3: (3, 4, 5)}
@@ -160,23 +158,10 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(clone(x), layer(x), atol=0, rtol=0)
 
 
-def onnx_parity(model, x, tmp_path):
-    import onnxruntime as ort
-
-    path = tmp_path / "model.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        want = model(x).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
-
-
 @pytest.mark.slow
 def test_onnx_export_parity(tmp_path):
     gen = torch.Generator().manual_seed(6)
     frn = FilterResponseNorm2d(8)
     randomise(frn, gen)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), frn, nn.Conv2d(8, 4, 1)).eval()
-    onnx_parity(model, torch.randn(2, 3, 10, 10, generator=gen) * 5, tmp_path)
+    assert_onnx_parity(model, torch.randn(2, 3, 10, 10, generator=gen) * 5, tmp_path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from normcli.layers import CenConv2d, MABN2d
+from tests.conftest import assert_onnx_parity
 
 
 class ReferenceMABN:
@@ -269,25 +268,12 @@ def test_cenconv_forward_and_gradient(groups, bias, stride):
     assert np.abs(cen.centred_weight().detach().numpy().mean(axis=(1, 2, 3))).max() < 1e-12
 
 
-def onnx_parity(model, x, tmp_path):
-    import onnxruntime as ort
-
-    path = tmp_path / "model.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        want = model(x).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
-
-
 @pytest.mark.slow
 def test_onnx_export_parity(tmp_path):
     torch.manual_seed(3)
     mabn = trained_layer_for(8).eval()
     model = nn.Sequential(CenConv2d(3, 8, 3, padding=1), mabn, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
-    onnx_parity(model, torch.randn(2, 3, 10, 10) * 3, tmp_path)
+    assert_onnx_parity(model, torch.randn(2, 3, 10, 10) * 3, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
