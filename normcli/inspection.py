@@ -124,7 +124,7 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwarg
         from normcli.reader import read_tensors
 
         tf = read_tensors(path, key=key)
-    layers = find_norm_layers(tf.tensors, tf.module_types, getattr(tf, "module_eps", {}))
+    layers = find_norm_layers(tf.tensors, tf.module_types, tf.module_eps)
     add_findings(layers, thresholds)
     notes = []
     if tf.stripped_prefixes:

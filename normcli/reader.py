@@ -449,10 +449,9 @@ def _interpret(p: Path, root: Any, container: str, key: str | None) -> TensorFil
         return TensorFile(str(p), "state-dict", container, sd, stripped_prefixes=stripped)
     if isinstance(root, dict):
         candidates = [k for k in STATE_DICT_KEYS if k in root and (_tensor_dict(root[k]) or _is_module(root[k]))]
-        others = [k for k in candidates[1:]]
         if candidates:
             tf = _from_key(p, root, container, candidates[0])
-            tf.other_state_dicts = others
+            tf.other_state_dicts = candidates[1:]
             return tf
         found = _largest_tensor_dict(root, "", depth=0)
         if found is not None:
