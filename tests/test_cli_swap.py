@@ -117,3 +117,17 @@ def test_fuse_export_takes_a_swapped_file(cli, samples, tmp_path, to, folded):
     assert onnx_path.exists()
     code, _, err = cli("fuse-export", swapped, "-o", tmp_path / "x.onnx")
     assert code == 2 and "normcli swap wrote it from --arch" in err
+
+
+@pytest.mark.parametrize("to, kind, inferred_kind", [("frn", "FilterResponseNorm2d", "FilterResponseNorm"),
+                                                     ("mabn", "MABN2d", "MABN2d")])
+def test_inspect_knows_normcli_layers(cli, samples, tmp_path, to, kind, inferred_kind):
+    swapped = tmp_path / f"{to}.pt"
+    assert cli("swap", samples / "resnet_tiny.pt", "--to", to, "-o", swapped, "--arch", ARCH)[0] == 0
+    code, out, err = cli("inspect", swapped, "--json")
+    assert code == 0, err
+    layers = json.loads(out)["layers"]
+    assert len(layers) == 11 and {(x["kind"], x["inferred"]) for x in layers} == {(inferred_kind, True)}
+    code, out, err = cli("inspect", swapped, "--arch", ARCH, "--json")
+    assert code == 0, err
+    assert {(x["kind"], x["inferred"]) for x in json.loads(out)["layers"]} == {(kind, False)}
