@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
-                                err_console, jsonable, out_console, parse_arch_kwargs, print_json)
+                                err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
 # them without importing torch; a test checks they agree.
@@ -99,21 +99,6 @@ def fuse_export(
             "; nothing was written"
         raise CheckFailed(f"parity failed on {', '.join(failed)}: the ONNX model differs from the torch model "
                           f"beyond atol={atol} + rtol={rtol}*|torch|{kept}")
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``1,3,224,224`` -> (1, 3, 224, 224), with an error that says what a shape looks like."""
-    from normcli.errors import NormcliError
-
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(d < 1 for d in shape):
-        raise NormcliError(f"--input-shape {text!r} is not a shape; give positive integers separated by commas, "
-                           "e.g. --input-shape 1,3,224,224")
-    return shape
 
 
 def report_json(report) -> dict:
