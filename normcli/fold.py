@@ -3,7 +3,8 @@
 Pairs are found by dataflow — a ``torch.fx`` trace, or a ``torch.export`` graph when tracing fails — never by
 the order modules were defined in. A fold is done only where it is exact for every input the model accepts;
 everything else stays, with the reason in ``FoldReport.unfolded``. Folded weights are computed in float64
-from the original values and rounded once to the layer's dtype.
+from the original values and rounded once to the layer's dtype. A ``CenConv2d`` folded into becomes a plain
+``nn.Conv2d`` holding its centred weight times the norm's scale (a CenConv2d would centre it again).
 
 Only the command bodies import this module, so torch is imported at the top.
 """
@@ -23,6 +24,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normcli.errors import NormcliError
 from normcli.fx_tools import drop_string_annotations
+from normcli.layers.mabn import CenConv2d
 
 __all__ = ["FoldReport", "fold_batchnorm", "is_foldable_norm"]
 
@@ -154,10 +156,37 @@ def _layer_of_module(module: nn.Module) -> Optional[_Layer]:
     return None
 
 
+def _is_centred_conv(module: nn.Module) -> bool:
+    """A CenConv2d that computes exactly CenConv2d's map: a Conv2d with its weight centred per output channel."""
+    cls = type(module)
+    return (isinstance(module, CenConv2d) and cls.forward is CenConv2d.forward
+            and cls.centred_weight is CenConv2d.centred_weight and cls._conv_forward is nn.Conv2d._conv_forward)
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer convolves with, in float64."""
+    weight = module.weight.detach().double()
+    if _is_centred_conv(module):
+        weight = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+    return weight
+
+
+def _plain_conv(conv: nn.Conv2d, weight: nn.Parameter, bias: nn.Parameter) -> nn.Conv2d:
+    """An nn.Conv2d with ``conv``'s configuration and the given parameters."""
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=False,
+                      padding_mode=conv.padding_mode, device="meta")
+    plain.weight = weight
+    plain.bias = bias
+    plain.train(conv.training)
+    return plain
+
+
 def _layer_module_problem(module: nn.Module, name: str) -> Optional[str]:
     base = next(b for b in (*_CONV_TYPES, *_CONVT_TYPES, nn.Linear) if isinstance(module, b))
-    if type(module).forward is not base.forward or (
-            hasattr(base, "_conv_forward") and type(module)._conv_forward is not base._conv_forward):
+    overrides = type(module).forward is not base.forward or (
+        hasattr(base, "_conv_forward") and type(module)._conv_forward is not base._conv_forward)
+    if overrides and not _is_centred_conv(module):  # a CenConv2d's map is known: a conv with the centred weight
         return f"'{name}' ({type(module).__name__}) overrides forward(), so folding into its weight may not be exact"
     from torch.nn.utils import parametrize
 
@@ -237,15 +266,32 @@ def _rounded(value: torch.Tensor, like: torch.Tensor, requires_grad: bool) -> nn
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shape knowledge (from ShapeProp with example inputs, or torch.export's fake values)
+# Shape knowledge (from one run on the example inputs, or torch.export's fake values)
+
+
+_SHAPE_KEY = "normcli_shape"
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph on real inputs and notes each tensor-valued node's shape in ``node.meta``.
+
+    A plain interpreter rather than ``torch.fx.passes.shape_prop.ShapeProp``: ShapeProp imports torch's
+    symbolic-shape machinery (and with it sympy, over a second of start-up) for metadata the fold never reads.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta[_SHAPE_KEY] = tuple(result.shape)
+        return result
 
 
 def _shape(node: Any) -> Optional[tuple[int, ...]]:
     if not isinstance(node, fx.Node):
         return None
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return tuple(meta.shape)
+    recorded = node.meta.get(_SHAPE_KEY)
+    if recorded is not None:
+        return recorded
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return tuple(val.shape)
@@ -285,10 +331,10 @@ def _layout_problem(layer: _Layer, tensor_node: Any, norm: Optional[nn.Module], 
 
 
 class _FoldTracer(fx.Tracer):
-    """Keeps every norm the fold knows as one call_module node, even user-defined ones."""
+    """Keeps every norm the fold knows, and every CenConv2d, as one call_module node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_foldable_norm(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_foldable_norm(m) or _is_centred_conv(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _owner_counts(graph: fx.Graph) -> Counter:
@@ -314,11 +360,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tuple],
              report: FoldReport) -> fx.GraphModule:
     if example_inputs is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
         try:
             with torch.no_grad():
-                ShapeProp(gm).propagate(*example_inputs)
+                _ShapeRecorder(gm).run(*example_inputs)
         except Exception as exc:
             raise NormcliError(f"the model fails on the example inputs ({_first_line(exc)}); give inputs of "
                                "the shape the model expects") from exc
@@ -329,7 +373,7 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
     def master(name: str) -> _Master:
         if name not in masters:
             module = modules[name]
-            masters[name] = _Master(module.weight, module.bias, _layer_of_module(module))
+            masters[name] = _Master(_effective_weight(module), module.bias, _layer_of_module(module))
         return masters[name]
 
     def layer_problem(name: str) -> Optional[str]:
@@ -419,8 +463,14 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
     for name, m in masters.items():
         module = modules[name]
         requires_grad = module.weight.requires_grad
-        module.weight = _rounded(m.weight, module.weight, requires_grad)
-        module.bias = _rounded(m.bias, module.bias if module.bias is not None else module.weight, requires_grad)
+        weight = _rounded(m.weight, module.weight, requires_grad)
+        bias = _rounded(m.bias, module.bias if module.bias is not None else module.weight, requires_grad)
+        if _is_centred_conv(module):
+            # a CenConv2d would centre the folded weight again at every forward: it becomes a plain Conv2d
+            gm.add_submodule(name, _plain_conv(module, weight, bias))
+        else:
+            module.weight = weight
+            module.bias = bias
     for name in folded_targets:
         gm.delete_submodule(name)
     gm.graph.lint()

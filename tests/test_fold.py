@@ -214,6 +214,120 @@ def test_mabn2d_in_eval_folds():
     assert into(report) == {"1": "0"}
 
 
+def _random_mabn(channels: int, seed: int) -> nn.Module:
+    from normcli.layers import MABN2d
+
+    g = torch.Generator().manual_seed(seed)
+    norm = MABN2d(channels, B=2, real_B=4)
+    with torch.no_grad():
+        norm.running_var.copy_(torch.rand(channels, generator=g) * 3 + 0.01)
+        norm.weight.copy_(torch.randn(channels, generator=g) * 1.5)
+        norm.bias.copy_(torch.randn(channels, generator=g))
+    return norm.eval()
+
+
+def _eval_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm's eval map x -> scale * x + shift per channel, in float64 (NORM_LAYERS.md for MABN)."""
+    var, weight, bias = norm.running_var.double(), norm.weight.double(), norm.bias.double()
+    scale = weight / torch.sqrt(var + norm.eps)
+    if isinstance(norm, nn.BatchNorm2d):
+        return scale, bias - norm.running_mean.double() * scale
+    return scale, bias
+
+
+@pytest.mark.parametrize("norm_kind", ["batchnorm", "mabn"])
+@pytest.mark.parametrize("bias, groups", [(True, 1), (False, 2)])
+def test_cenconv2d_then_norm_folds_into_a_plain_conv_with_the_centred_weight(norm_kind, bias, groups):
+    from normcli.layers import CenConv2d
+
+    torch.manual_seed(11)
+    conv = CenConv2d(4, 6, 3, padding=1, groups=groups, bias=bias)
+    with torch.no_grad():
+        conv.weight.add_(0.5)  # a weight mean far from zero, so a fold that skips the centring is visibly wrong
+    norm = _random_mabn(6, seed=1) if norm_kind == "mabn" else randomize_norms(nn.BatchNorm2d(6))
+    model = nn.Sequential(conv, norm).eval()
+    folded, report = check_fold(model, torch.randn(2, 4, 7, 7))
+    assert into(report) == {"1": "0"}
+    result = folded.get_submodule("0")
+    assert type(result) is nn.Conv2d and result.groups == groups and result.padding == (1, 1)
+
+    w = conv.weight.double()
+    centred = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    scale, shift = _eval_scale_shift(norm)
+    b = conv.bias.double() if bias else torch.zeros(6, dtype=torch.float64)
+    torch.testing.assert_close(result.weight, (centred * scale.reshape(-1, 1, 1, 1)).float(), rtol=0, atol=0)
+    torch.testing.assert_close(result.bias, (b * scale + shift).float(), rtol=0, atol=0)
+
+
+def test_norm_before_unpadded_cenconv2d_folds_into_a_plain_conv():
+    from normcli.layers import CenConv2d
+
+    torch.manual_seed(12)
+    conv = CenConv2d(4, 5, 3)
+    with torch.no_grad():
+        conv.weight.add_(0.5)
+    model = randomize_norms(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), conv))
+    folded, report = check_fold(model, torch.randn(2, 4, 7, 7))
+    assert into(report) == {"1": "2"} and type(folded.get_submodule("2")) is nn.Conv2d
+
+
+class CenConvTwoConsumers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from normcli.layers import CenConv2d
+
+        self.conv = CenConv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_cenconv2d_whose_fold_is_not_exact_stays_a_cenconv2d():
+    from normcli.layers import CenConv2d
+
+    class ScaledCenConv2d(CenConv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = randomize_norms(CenConvTwoConsumers())
+    folded, report = check_fold(model, torch.randn(2, 3, 6, 6))
+    assert "2 consumers" in reasons(report)["bn"] and type(folded.get_submodule("conv")) is CenConv2d
+
+    # a subclass that changes the map is not known to be a centred conv: the norm after it stays
+    model = randomize_norms(nn.Sequential(ScaledCenConv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    _, report = check_fold(model, torch.randn(2, 3, 6, 6))
+    assert report.folded == [] and "1" in reasons(report)
+
+
+def test_mabn_swap_with_cenconv_of_resnet_folds_every_mabn():
+    from normcli.layers import CenConv2d, MABN2d
+    from normcli.swap import swap_norms
+
+    models = pytest.importorskip("samples.models")
+    torch.manual_seed(0)
+    model = models.resnet_tiny()
+    with torch.no_grad():  # statistics calibrated on data
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, 32, 32) * 2 + 0.5)
+    swapped, _ = swap_norms(model.eval(), "mabn", cenconv=True, input_shape=(2, 3, 32, 32))
+    swapped.eval()
+    mabn_names = {name for name, m in swapped.named_modules() if isinstance(m, MABN2d)}
+    centred = {name for name, m in swapped.named_modules() if isinstance(m, CenConv2d)}
+    assert mabn_names and centred
+
+    folded, report = fold_batchnorm(swapped)
+    assert {f["norm"] for f in report.folded} == mabn_names and report.unfolded == []
+    assert {f["into"] for f in report.folded} == centred
+    assert not any(isinstance(m, (MABN2d, CenConv2d)) for m in folded.modules())
+    assert all(type(folded.get_submodule(name)) is nn.Conv2d for name in centred)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), swapped(x), rtol=1e-4, atol=1e-4)
+
+
 def test_norm_before_unpadded_or_copy_padded_conv_folds_into_it():
     model = randomize_norms(nn.Sequential(
         nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=0),                   # padding 0: exact
