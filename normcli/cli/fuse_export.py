@@ -137,6 +137,7 @@ def _num(x: float) -> str:
 
 
 def render(report) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = out_console
@@ -148,20 +149,14 @@ def render(report) -> None:
                   soft_wrap=True)
     if report.fold_note:
         console.print(f"note: {report.fold_note}", style="dim", soft_wrap=True)
-    if report.folded:
-        table = Table(header_style="bold", box=None, pad_edge=False)
-        table.add_column("folded norm")
-        table.add_column("into")
-        for pair in report.folded:
-            table.add_row(pair["norm"], pair["into"])
-        console.print(table)
-    if report.unfolded:
-        table = Table(header_style="bold", box=None, pad_edge=False)
-        table.add_column("unfolded norm")
-        table.add_column("reason")
-        for item in report.unfolded:
-            table.add_row(item["norm"], item["reason"])
-        console.print(table)
+    for rows, columns in ((report.folded, ("norm", "into")), (report.unfolded, ("norm", "reason"))):
+        if rows:
+            table = Table(header_style="bold", box=None, pad_edge=False)
+            table.add_column("folded norm" if columns[1] == "into" else "unfolded norm")
+            table.add_column(columns[1])
+            for row in rows:
+                table.add_row(*(escape(str(row[c])) for c in columns))
+            console.print(table)
     check = report.fold_check
     console.print(f"folded torch vs original torch: max abs {_num(check.max_abs)}, max rel {_num(check.max_rel)} "
                   + ("[green]ok[/]" if check.passed else "[red]out of tolerance[/]"), soft_wrap=True)
