@@ -20,13 +20,20 @@ FORMATS = ("torch-zip", "torch-legacy", "torchscript", "pt2", "safetensors", "on
 def check_readable(path: str | os.PathLike) -> Path:
     """Fail with a clear message for a path that is missing, a directory, empty or unreadable."""
     p = Path(path)
-    if not p.exists():
-        raise NormcliError(f"{p}: no such file; check the path")
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise NormcliError(f"{p}: no such file; check the path") from None
+    except PermissionError:
+        raise NormcliError(f"{p}: permission denied (a directory on the path is not accessible); "
+                           "check its permissions") from None
+    except OSError as e:
+        raise NormcliError(f"{p}: cannot access the file ({e.strerror})") from None
     if p.is_dir():
         raise NormcliError(f"{p} is a directory; give a checkpoint file inside it")
     if not os.access(p, os.R_OK):
         raise NormcliError(f"{p}: permission denied; make the file readable")
-    if p.stat().st_size == 0:
+    if st.st_size == 0:
         raise NormcliError(f"{p} is empty (0 bytes); the file was not written completely")
     return p
 

@@ -28,12 +28,40 @@ def test_missing_directory_empty(cli, tmp_path):
     assert_clean_error(cli("inspect", tmp_path / "empty.pt"), "empty")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable(cli, tmp_path):
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import normcli_executable
+
     p = tmp_path / "locked.pt"
     p.write_bytes(b"x" * 10)
     p.chmod(0)
-    assert_clean_error(cli("inspect", p), "permission denied")
+    if os.geteuid() != 0:
+        assert_clean_error(cli("inspect", p), "permission denied")
+        return
+    # root reads any file: run the installed command as an unprivileged user instead
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv is not available to drop privileges")
+    def as_nobody(*args):
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               *normcli_executable(), *map(str, args)], capture_output=True, text=True)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    # pytest's temporary directories are private to root: a path that cannot even be looked at
+    assert_clean_error(as_nobody("inspect", p), "permission denied")
+    # a readable directory holding a file without read permission
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o755)
+        locked = shared / "locked.pt"
+        locked.write_bytes(b"x" * 10)
+        locked.chmod(0)
+        assert_clean_error(as_nobody("inspect", locked), "permission denied; make the file readable")
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_random_bytes(cli, tmp_path):
