@@ -21,14 +21,33 @@ WORK = ROOT / "benchmarks" / "_work"
 NORMCLI = [sys.executable, "-m", "normcli"]
 
 
+# `python -m normcli` that, on exit, records its own peak RSS (VmHWM). The kernel's ru_maxrss of a child
+# starts from its parent's at fork and survives exec, so it would count the benchmark's own memory (torch,
+# when benchmarks/run.py has loaded other benchmarks); VmHWM belongs to the exec'd process alone.
+NORMCLI_RSS = [sys.executable, "-c", """
+import atexit, os, sys
+def _report():
+    with open('/proc/self/status') as f:
+        hwm = next(line for line in f if line.startswith('VmHWM'))
+    with open(os.environ['NORMCLI_BENCH_RSS'], 'w') as out:
+        out.write(hwm.split()[1])
+atexit.register(_report)
+from normcli.cli import main
+main(sys.argv[1:])
+"""]
+
+
 def timed(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB and exit code of one run of ``cmd``."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    """Wall seconds, peak RSS in MB (for NORMCLI_RSS commands, else 0) and exit code of one run of ``cmd``."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss_file:
+        env = {**os.environ, "NORMCLI_BENCH_RSS": rss_file.name}
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+        wall = time.perf_counter() - start
+        text = Path(rss_file.name).read_text().strip()
+    return wall, (int(text) / 1024 if text else 0.0), proc.returncode
 
 
 def interleaved(cmd: list[str], baseline: list[str], repeats: int) -> tuple[float, float, float, int]:
@@ -82,13 +101,12 @@ def run(quick: bool = False) -> list[dict]:
 
     size = 0.02 if quick else 1.6
     big = WORK / f"large_{size:g}gb.pt"
-    # made in a child process: on Linux a child's peak RSS starts from its parent's at fork, so the
-    # parent must not hold torch when it spawns the measured runs
+    # made in a child process, so that this process never holds torch's memory
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                     "from bench_inspect import make_large_checkpoint as m; from pathlib import Path; "
                     "m(Path(sys.argv[2]), float(sys.argv[3]))", str(Path(__file__).parent), str(big), str(size)],
                    check=True)
-    wall, torch_wall, rss, code = interleaved([*NORMCLI, "inspect", str(big), "--json"], torch_import, repeats)
+    wall, torch_wall, rss, code = interleaved([*NORMCLI_RSS, "inspect", str(big), "--json"], torch_import, repeats)
     assert code == 0, f"inspect exited {code}"
     gb = big.stat().st_size / 1e9
     rows.append({"name": f"inspect {gb:.2f} GB checkpoint / import torch", "normcli": wall, "baseline": torch_wall,
