@@ -124,12 +124,12 @@ def latency(name: str, shape, exporter: str, folder: Path, rounds: int, per_roun
     for s in (ours, base):  # warm-up
         for _ in range(20):
             s.run(None, feeds[id(s)])
-    for r in range(rounds):
+    # alternate call by call (in both orders), so that drift in the machine's speed hits both alike
+    for r in range(rounds * per_round):
         for s in ((ours, base) if r % 2 == 0 else (base, ours)):
-            for _ in range(per_round):
-                start = time.perf_counter()
-                s.run(None, feeds[id(s)])
-                times[id(s)].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            s.run(None, feeds[id(s)])
+            times[id(s)].append(time.perf_counter() - start)
     normcli_ms = statistics.median(times[id(ours)]) * 1e3
     baseline_ms = statistics.median(times[id(base)]) * 1e3
     ratio = normcli_ms / baseline_ms
