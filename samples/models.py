@@ -3,7 +3,7 @@
 Each model is built by a plain factory with keyword arguments and defaults, so that it can be named on the
 command line (``--arch samples/models.py:resnet_tiny --arch-kwargs '{"num_classes": 10}'``). Module names
 follow the originals (torchvision ResNet / MobileNetV2 / DenseNet) where there is one, so that checkpoints
-look like the real thing. Pure torch: nothing here imports normcli.
+look like the real thing. Pure torch, except that small_cnn(norm="frn"|"mabn") imports normcli.layers when called.
 
 ``MODELS`` maps each name to ``(factory, example input shape with batch 2)``.
 """
