@@ -459,11 +459,13 @@ def two_consumers(in_channels: int = 3, channels: int = 8, num_classes: int = 10
     return TwoConsumers(in_channels, channels, num_classes)
 
 
-class AffineFalse(nn.Module):
-    def __init__(self, in_channels: int = 3, channels: int = 8, num_classes: int = 10):
+class SpecialFirstBN(nn.Module):
+    """conv -> BN(**bn1_options) -> ReLU -> conv -> BN -> ReLU -> head: the first BN is the unusual one."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 8, num_classes: int = 10, **bn1_options):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
-        self.bn1 = nn.BatchNorm2d(channels, affine=False)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=bn1_options.get("affine", True) is False)
+        self.bn1 = nn.BatchNorm2d(channels, **bn1_options)
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
@@ -475,30 +477,14 @@ class AffineFalse(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def affine_false(in_channels: int = 3, channels: int = 8, num_classes: int = 10) -> AffineFalse:
+def affine_false(in_channels: int = 3, channels: int = 8, num_classes: int = 10) -> SpecialFirstBN:
     """``bn1`` has ``affine=False`` (running statistics, no weight or bias); ``bn2`` is ordinary."""
-    return AffineFalse(in_channels, channels, num_classes)
+    return SpecialFirstBN(in_channels, channels, num_classes, affine=False)
 
 
-class NoTrackStats(nn.Module):
-    def __init__(self, in_channels: int = 3, channels: int = 8, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels, track_running_stats=False)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def no_track_stats(in_channels: int = 3, channels: int = 8, num_classes: int = 10) -> NoTrackStats:
+def no_track_stats(in_channels: int = 3, channels: int = 8, num_classes: int = 10) -> SpecialFirstBN:
     """``bn1`` has ``track_running_stats=False``: it normalises with batch statistics even in eval."""
-    return NoTrackStats(in_channels, channels, num_classes)
+    return SpecialFirstBN(in_channels, channels, num_classes, track_running_stats=False)
 
 
 class OutOfOrder(nn.Module):
