@@ -19,7 +19,6 @@ import inspect
 import io
 import logging
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -27,14 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, first_line
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 18}
 # The dynamo exporter only implements opset 18 and later; the torchscript exporter stops at 20.
 OPSET_RANGE = {"dynamo": (18, None), "torchscript": (7, 20)}
 BATCH_DIM_NAME = "batch"
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -104,17 +102,17 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
             other = EXPORTERS[1 - EXPORTERS.index(exporter)]
             raise NormcliError(f"the {exporter} exporter could not export the model: {_failure_reason(e)}; "
                                f"try the {other} exporter (--exporter {other})") from e
-    notes = _unique(f"{w.category.__name__}: {_first_line(w.message)}" for w in caught)
+    notes = _unique(f"{w.category.__name__}: {first_line(w.message)}" for w in caught)
 
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
-        raise NormcliError(f"the {exporter} exporter wrote an invalid ONNX model ({_first_line(e)}); "
+        raise NormcliError(f"the {exporter} exporter wrote an invalid ONNX model ({first_line(e)}); "
                            f"try the other exporter or another opset") from e
     try:  # strict shape inference as well; it has gaps of its own, so a failure is a warning only
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        notes.append(f"onnx full check (strict shape inference) failed: {_first_line(e)}")
+        notes.append(f"onnx full check (strict shape inference) failed: {first_line(e)}")
 
     proto = onnx.load(str(path), load_external_data=False)
     if len(proto.graph.output) != len(output_names):
@@ -249,7 +247,7 @@ def _stdout_captured() -> Iterator[io.StringIO]:
 
 def _failure_reason(error: BaseException) -> str:
     """The exporter's own summary plus the root cause, which is usually the part that names the problem."""
-    summary = _first_line(error).split(". ")[0].rstrip(".")
+    summary = first_line(error).split(". ")[0].rstrip(".")
     root = error
     seen = {id(root)}
     while (root.__cause__ or root.__context__) is not None and id(root.__cause__ or root.__context__) not in seen:
@@ -257,15 +255,7 @@ def _failure_reason(error: BaseException) -> str:
         seen.add(id(root))
     if root is error:
         return summary
-    return f"{summary} ({type(root).__name__}: {_first_line(root)})"
-
-
-def _first_line(error: BaseException | Warning | str) -> str:
-    text = _ANSI_ESCAPE.sub("", str(error)).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if not line:
-        line = type(error).__name__ if isinstance(error, BaseException) else "no message"
-    return line if len(line) <= 300 else line[:297] + "..."
+    return f"{summary} ({type(root).__name__}: {first_line(root)})"
 
 
 def _unique(items) -> list[str]:

@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, describe
 from normcli.fx_tools import drop_string_annotations
 from normcli.layers.mabn import CenConv2d
 
@@ -364,7 +364,7 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
             with torch.no_grad():
                 _ShapeRecorder(gm).run(*example_inputs)
         except Exception as exc:
-            raise NormcliError(f"the model fails on the example inputs ({_first_line(exc)}); give inputs of "
+            raise NormcliError(f"the model fails on the example inputs ({describe(exc)}); give inputs of "
                                "the shape the model expects") from exc
     modules = dict(gm.named_modules())
     uses = _owner_counts(gm.graph)
@@ -733,7 +733,7 @@ def fold_batchnorm(
     try:
         traced = _trace(model)
     except Exception as exc:  # any tracing failure: fall back below
-        fx_error = _first_line(exc)
+        fx_error = describe(exc)
     else:
         report.method = "fx"
         return _fold_fx(traced, model, example_inputs, report), report
@@ -743,18 +743,13 @@ def fold_batchnorm(
     try:
         exported = _export(model, example_inputs)
     except Exception as exc:
-        export_error = _first_line(exc)
+        export_error = describe(exc)
         why = f"torch.fx could not trace the model ({fx_error}) and torch.export failed too ({export_error})"
         return model, _nothing_folded(model, why)
     folded = _fold_export(exported, model, report)
     report.method = "export"
     report.note = f"torch.fx could not trace the model ({fx_error}); folded on its torch.export graph"
     return folded, report
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _nothing_folded(model: nn.Module, why: str) -> FoldReport:

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from normcli.atomic import atomic_output, check_output_path
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, describe, first_line
+from normcli.inputs import infer_input_shape
 from normcli.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult
 
 DEFAULT_SAMPLES = 3
 DEFAULT_EXPORTER = "dynamo"
-# spatial size per conv dimensionality when the input shape is inferred: modest, so inference stays fast
-DEFAULT_SPATIAL = {1: 64, 2: 64, 3: 16}
 
 
 @dataclass
@@ -110,7 +109,7 @@ def fuse_export(model, output: str | os.PathLike, *,
             reference_outputs = model(*example)
         except Exception as e:
             raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
-                               f"{type(e).__name__}: {_first_line(e)}; pass --input-shape") from None
+                               f"{describe(e)}; pass --input-shape") from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
         references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
         references += [torch.utils._pytree.tree_flatten(model(*s))[0] for s in inputs[1:]]
@@ -140,7 +139,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     fused_format = _save_fused(folded, export_example, save_fused, dynamic_batch, atol, rtol)
-                notes += [f"{w.category.__name__}: {_first_line(w.message)}" for w in caught]
+                notes += [f"{w.category.__name__}: {first_line(w.message)}" for w in caught]
             step(f"writing {output}")
             with atomic_output(output) as tmp:
                 shutil.copyfile(onnx_path, tmp)
@@ -158,32 +157,12 @@ def fuse_export(model, output: str | os.PathLike, *,
     )
 
 
-def infer_input_shape(model) -> tuple[tuple[int, ...], str]:
-    """A one-sample input shape for the first conv or linear layer (module order), and what it came from."""
-    from torch import nn
-
-    convs = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
-             nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
-    for name, module in model.named_modules():
-        for kind, dims in convs.items():
-            if type(module) is kind or isinstance(module, kind):
-                size = DEFAULT_SPATIAL[dims]
-                shape = (1, module.in_channels, *([size] * dims))
-                return shape, (f"inferred from {type(module).__name__} '{name}' (in_channels={module.in_channels}) "
-                               f"with the default spatial size {'x'.join([str(size)] * dims)}")
-        if isinstance(module, nn.Linear):
-            return (1, module.in_features), \
-                f"inferred from Linear '{name}' (in_features={module.in_features})"
-    raise NormcliError("cannot infer the input shape: the model has no conv or linear layer; "
-                       "pass --input-shape (e.g. --input-shape 1,3,224,224)")
-
-
 def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: int, seed: int,
                    dynamic_batch: bool, dtype) -> tuple[list[tuple], str]:
     """The parity samples (the first is the export's example) and a note on where their shapes came from."""
     import torch
 
-    from normcli.parity import make_inputs
+    from normcli.inputs import make_inputs
 
     if input_tensors:
         given = tuple(t.to(dtype) if t.is_floating_point() else t for t in input_tensors)
@@ -259,7 +238,7 @@ def _save_fused(folded, example: tuple, path: Path, dynamic_batch: bool, atol: f
                 with open(tmp, "rb") as f:
                     reloaded = torch.export.load(io.BytesIO(f.read())).module()
             except Exception as e:
-                raise NormcliError(f"cannot save the folded model as a torch.export archive ({_first_line(e)}); "
+                raise NormcliError(f"cannot save the folded model as a torch.export archive ({first_line(e)}); "
                                    "give --save-fused a path not ending in .pt2 to save TorchScript") from e
             fmt = "pt2"
         else:
@@ -270,7 +249,7 @@ def _save_fused(folded, example: tuple, path: Path, dynamic_batch: bool, atol: f
                 try:
                     scripted = torch.jit.trace(folded, example, check_trace=False)
                 except Exception as e:
-                    raise NormcliError(f"cannot save the folded model as TorchScript ({_first_line(e)}); "
+                    raise NormcliError(f"cannot save the folded model as TorchScript ({first_line(e)}); "
                                        "give --save-fused a path ending in .pt2 instead") from e
                 fmt = "torchscript (traced)"
             torch.jit.save(scripted, str(tmp))
@@ -307,8 +286,3 @@ def _input_dtype(model):
 
 def _shapes(inputs) -> str:
     return " ".join(",".join(map(str, t.shape)) for t in inputs)
-
-
-def _first_line(error: BaseException | Warning) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, describe, first_line
 from normcli.formats import detect_format
 from normcli.reader import TensorFile, read_tensors, _strip_wrapper_prefixes
 
@@ -157,16 +157,20 @@ def _torch_state_dict(path, tf: TensorFile, unsafe_load: bool) -> dict:
                     root = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
                 else:
                     raise NormcliError(f"{path}: torch.load(weights_only=True) refused the file "
-                                       f"({_first_line(e)}); pass --unsafe-load only if you trust it") from None
-        obj = root
-        if tf.state_dict_key:
-            for part in tf.state_dict_key.split("/"):
-                obj = obj[part]
+                                       f"({first_line(e)}); pass --unsafe-load only if you trust it") from None
+        obj = _at_key(root, tf.state_dict_key)
         if isinstance(obj, torch.nn.Module):
             obj = obj.state_dict()
         return _strip_wrapper_prefixes(dict(obj))[0]
     # full pickles, TorchScript and .pt2 with --arch --unsafe-load: the safe reader already has the bytes
     return {k: torch.from_numpy(np.array(v.load())) for k, v in tf.tensors.items()}
+
+
+def _at_key(root, key: str | None):
+    """The entry the safe reader chose (``a/b`` for nested keys) in what torch.load returned."""
+    for part in key.split("/") if key else ():
+        root = root[part]
+    return root
 
 
 @contextlib.contextmanager
@@ -178,11 +182,6 @@ def _without_env(name: str):
     finally:
         if saved is not None:
             os.environ[name] = saved
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def load_strict(model, state_dict: dict, path: str, arch: str, stripped: list[str] | None = None) -> None:
@@ -225,11 +224,8 @@ def _load_live(path, fmt: str, key: str | None) -> LoadedModel:
     except NormcliError:
         raise
     except Exception as e:
-        raise NormcliError(f"{path}: loading the {tf.format} failed ({type(e).__name__}: {_first_line(e)})") from None
-    obj = root
-    if tf.state_dict_key:
-        for part in tf.state_dict_key.split("/"):
-            obj = obj[part]
+        raise NormcliError(f"{path}: loading the {tf.format} failed ({describe(e)})") from None
+    obj = _at_key(root, tf.state_dict_key)
     if not isinstance(obj, torch.nn.Module):
         raise NormcliError(f"{path}: expected a pickled torch.nn.Module, found {type(obj).__name__}")
     return LoadedModel(obj, "full-pickle", "module", tf.state_dict_key)

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, first_line
 from normcli.inspection import NormLayer, _stats
 
 # op type -> names of the inputs that carry per-channel statistics, by input position
@@ -36,8 +36,7 @@ def read_onnx_norms(path: str | os.PathLike) -> list[NormLayer]:
     try:  # statistics of a graph that cannot run would describe nothing real
         onnx.checker.check_model(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NormcliError(f"{path}: the ONNX graph is invalid ({first}); re-export the model") from None
+        raise NormcliError(f"{path}: the ONNX graph is invalid ({first_line(e)}); re-export the model") from None
     constants: dict[str, np.ndarray | None] = {}
     for init in model.graph.initializer:
         constants[init.name] = _to_array(init, numpy_helper)

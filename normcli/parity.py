@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, first_line
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -46,7 +46,7 @@ def check_parity(torch_model, onnx_path: str | os.PathLike, inputs: Sequence[tup
                  references: Sequence[Sequence] | None = None) -> ParityResult:
     """Run ``torch_model`` and an onnxruntime CPU session of ``onnx_path`` on each input tuple and compare.
 
-    inputs: one tuple of tensors per sample (see ``make_inputs``); samples may differ in batch size when
+    inputs: one tuple of tensors per sample (see ``normcli.inputs.make_inputs``); samples may differ in batch size when
     the ONNX model has a symbolic batch dimension. Several outputs (tuple, list, dict) are matched to the
     ONNX outputs in order. references: the torch model's flattened outputs per sample, when the caller has
     them already (then ``torch_model`` is not run).
@@ -80,7 +80,7 @@ def check_parity(torch_model, onnx_path: str | os.PathLike, inputs: Sequence[tup
             got = session.run(None, feed)
         except Exception as e:
             raise NormcliError(f"onnxruntime could not run {onnx_path} on inputs of shapes "
-                               f"{[tuple(t.shape) for t in sample]}: {str(e).strip().splitlines()[0]}") from e
+                               f"{[tuple(t.shape) for t in sample]}: {first_line(e)}") from e
         if len(reference) != len(got):
             raise NormcliError(f"the torch model returns {len(reference)} tensors but the ONNX model "
                                f"{onnx_path} has {len(got)} outputs ({', '.join(names)})")
@@ -117,22 +117,7 @@ def onnx_session(onnx_path: str | os.PathLike):
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise NormcliError(f"onnxruntime cannot load {onnx_path}: {str(e).strip().splitlines()[0]}") from e
-
-
-def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, dtype=None) -> list[tuple]:
-    """``samples`` tuples of standard-normal tensors, one tensor per shape, the same for the same seed."""
-    import torch
-
-    dtype = torch.float32 if dtype is None else dtype
-    if samples < 1:
-        raise NormcliError(f"the number of samples must be at least 1, got {samples}")
-    for shape in shapes:
-        if any(int(d) < 1 for d in shape):
-            raise NormcliError(f"input shape {','.join(map(str, shape))} has a dimension below 1")
-    generator = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype) for shape in shapes)
-            for _ in range(samples)]
+        raise NormcliError(f"onnxruntime cannot load {onnx_path}: {first_line(e)}") from e
 
 
 def load_input_file(path: str | os.PathLike):
@@ -153,7 +138,7 @@ def load_input_file(path: str | os.PathLike):
         try:
             array = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise NormcliError(f"cannot read {path} as a .npy array ({str(e).strip().splitlines()[0]}); "
+            raise NormcliError(f"cannot read {path} as a .npy array ({first_line(e)}); "
                                "save a numeric array with numpy.save") from None
         if array.dtype.kind not in "fiub":
             raise NormcliError(f"{path} holds a {array.dtype} array; an input must be numeric")
@@ -163,7 +148,7 @@ def load_input_file(path: str | os.PathLike):
             value = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise NormcliError(f"cannot read {path} as a tensor saved with torch.save "
-                               f"({str(e).strip().splitlines()[0]}); save one tensor with torch.save(t, path)"
+                               f"({first_line(e)}); save one tensor with torch.save(t, path)"
                                ) from None
         if not isinstance(value, torch.Tensor):
             raise NormcliError(f"{path} holds a {type(value).__name__}, not a tensor; "

@@ -24,7 +24,7 @@ import numpy as np
 from normcli.errors import NormcliError
 from normcli.formats import LEGACY_MAGIC, check_readable, detect_format, read_safetensors_header, zip_prefix
 from normcli.safe_pickle import (LazyArray, Placeholder, SafeUnpickler, StorageRef, element_size,
-                                 storage_from_pid, _numpy_dtype)
+                                 is_unsafe_global, storage_from_pid, _numpy_dtype)
 
 # Where training frameworks keep the weights, in the order we prefer them.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights",
@@ -379,11 +379,7 @@ def _pickle_globals(blob: bytes) -> list[str]:
                 strings.append(arg)
     except Exception:  # a damaged pickle: report what was seen so far
         pass
-    unpickler = SafeUnpickler(io.BytesIO(b""))
-    for g in found:
-        module, _, name = g.rpartition(".")
-        unpickler.find_class(module, name)
-    return unpickler.unsafe_globals
+    return [g for g in dict.fromkeys(found) if is_unsafe_global(g)]
 
 
 def _pt2_module_types(model: dict) -> dict[str, str]:

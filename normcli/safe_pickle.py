@@ -237,13 +237,6 @@ for _name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_bo
               "restore_type_tag"):
     SAFE_GLOBALS[("torch.jit._pickle", _name)] = _identity
 
-# Globals that are not executable but that torch.load(weights_only=True) accepts; for reporting only.
-_BENIGN_PREFIXES = ("torch._utils.", "torch.jit._pickle.", "collections.OrderedDict", "builtins.set",
-                    "__builtin__.set", "builtins.frozenset", "builtins.slice", "builtins.complex",
-                    "_codecs.encode", "torch.Size", "torch.device", "torch.nn.parameter.Parameter",
-                    "torch._tensor._rebuild_from_type_v2")
-
-
 class SafeUnpickler(pickle.Unpickler):
     """Unpickle with placeholders for every non-allow-listed global; collect what was named."""
 
@@ -277,12 +270,16 @@ class SafeUnpickler(pickle.Unpickler):
     @property
     def unsafe_globals(self) -> list[str]:
         """Globals that a real unpickler would import and could run (classes, functions)."""
-        return [g for g in self.globals_seen if not (g.startswith(_BENIGN_PREFIXES) or _is_storage_or_dtype(g))]
+        return [g for g in self.globals_seen if is_unsafe_global(g)]
 
 
-def _is_storage_or_dtype(qualname: str) -> bool:
+def is_unsafe_global(qualname: str) -> bool:
+    """Whether a real unpickler would import, and could run, this global: anything this module does not
+    stand in for itself (SAFE_GLOBALS, torch storage types and dtypes)."""
     module, _, name = qualname.rpartition(".")
-    return module == "torch" and (name in STORAGE_DTYPES or name in TORCH_DTYPE_STORAGE)
+    if (module, name) in SAFE_GLOBALS:
+        return False
+    return not (module == "torch" and (name in STORAGE_DTYPES or name in TORCH_DTYPE_STORAGE))
 
 
 def storage_from_pid(pid, reader: Callable[[StorageRef], np.ndarray]) -> StorageRef:

@@ -26,8 +26,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from normcli.errors import NormcliError
+from normcli.errors import NormcliError, describe
 from normcli.fx_tools import drop_string_annotations
+from normcli.inputs import infer_input_shape, make_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -202,12 +203,8 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def _probe_inputs(model: nn.Module, shape: Sequence[int], count: int) -> list[torch.Tensor]:
-    import torch
-
     dtype, device = _model_dtype_device(model)
-    gen = torch.Generator().manual_seed(PROBE_SEED)
-    return [torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-            for _ in range(count)]
+    return [sample[0].to(device) for sample in make_inputs([tuple(shape)], count, seed=PROBE_SEED, dtype=dtype)]
 
 
 def _output_tensors(out: Any) -> list[torch.Tensor]:
@@ -297,22 +294,6 @@ def _train_check(model: nn.Module, shape: Sequence[int]) -> dict[str, Any]:
     return result
 
 
-def _infer_input_shape(model: nn.Module) -> list[int] | None:
-    """A guess from the first conv or linear layer, for when the caller gave no shape."""
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
-            return [1, module.in_channels, 32]
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            return [1, module.in_channels, 32, 32]
-        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-            return [1, module.in_channels, 8, 16, 16]
-        if isinstance(module, nn.Linear):
-            return [1, module.in_features]
-    return None
-
-
 def _is_relu_call(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     import torch
     import torch.nn.functional as F
@@ -343,8 +324,7 @@ def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
         drop_string_annotations(graph)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; all mean the same here
         report.traced = False
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        report.notes.append(f"torch.fx could not trace the model ({type(exc).__name__}: {first_line})")
+        report.notes.append(f"torch.fx could not trace the model ({describe(exc)})")
         return None
     report.traced = True
     return graph
@@ -401,9 +381,12 @@ def swap_norms(
 
     shape = list(input_shape) if input_shape is not None else None
     if shape is None:
-        shape = _infer_input_shape(model)
-        if shape is not None:
-            report.notes.append(f"no input shape given; probed with {shape}, guessed from the first layer")
+        try:
+            guessed, source = infer_input_shape(model)
+            shape = list(guessed)
+            report.notes.append(f"no input shape given; probed with {shape}, {source}")
+        except NormcliError:  # no conv or linear layer: no probe, so no drift and no train check
+            pass
     before, ranks = None, {}
     if shape is not None:
         try:

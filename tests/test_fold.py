@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 
 import pytest
 import torch

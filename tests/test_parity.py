@@ -15,7 +15,8 @@ from torch import nn
 
 from normcli.errors import NormcliError
 from normcli.export import export_onnx
-from normcli.parity import check_parity, load_input_file, make_inputs, mismatch_mask
+from normcli.inputs import make_inputs
+from normcli.parity import check_parity, load_input_file, mismatch_mask
 
 INF, NAN = float("inf"), float("nan")
 
