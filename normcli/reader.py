@@ -54,6 +54,9 @@ class TensorFile:
     unsafe_globals: list[str] = field(default_factory=list)
     other_state_dicts: list[str] = field(default_factory=list)   # e.g. an EMA copy next to the chosen one
     swap_options: dict | None = None    # written by `normcli swap`: how to rebuild the swapped model
+    globals: list[str] = field(default_factory=list)        # every global any pickle in the file names, in order
+    metadata: dict | None = None        # the state dict's `_metadata` (module versions), as torch.load keeps it
+    file_findings: list = field(default_factory=list)       # findings about the file itself (shards, trust)
 
 
 def read_tensors(path: str | os.PathLike, key: str | None = None) -> TensorFile:

