@@ -1,8 +1,8 @@
 """Regenerate every sample file under samples/ (or another directory): ``python samples/make_samples.py [OUT_DIR]``.
 
-Deterministic: fixed seeds, one CPU thread, deterministic algorithms. Models are trained for a few SGD steps
-on synthetic data in train mode, so their BatchNorm statistics are what training leaves behind rather than
-the 0/1 defaults, then put in eval mode before they are saved or exported. samples/README.md lists the
+Deterministic on any CPU: every weight comes from a seeded float64 generator, and the BatchNorm statistics
+from a float64 pass over seeded synthetic data (not the 0/1 defaults), each rounded once to float32, so
+another machine's kernels cannot change a stored value. samples/README.md lists the
 files and the problems written into unhealthy.pt.
 """
 
@@ -17,8 +17,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,63 +46,55 @@ UNHEALTHY_PROBLEMS: dict[str, tuple[str, list[int]]] = {
     "bn_mixed_tracking": ("mixed-tracking", list(range(8))),
 }
 UNHEALTHY_STEPS = 20
+STAT_BATCHES = 8
 MIXED_TRACKING_STEPS = 5
 
 
-def synthetic_batch(generator: torch.Generator, shape: tuple[int, ...], offset: torch.Tensor, scale: torch.Tensor):
-    """Inputs with a per-channel offset and scale, so each BN sees its own non-trivial mean and variance."""
-    x = torch.randn(shape, generator=generator)
-    view = (1, -1) + (1,) * (len(shape) - 2)
-    return x * scale.view(view) + offset.view(view)
+def seeded_model(name: str, tracked: int, seed: int) -> nn.Module:
+    """``name``'s model with every value drawn from seeded float64 generators, independent of the CPU.
 
-
-def train_briefly(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    steps: int,
-    seed: int,
-    batch_size: int = 16,
-    lr: float = 0.05,
-    on_step=None,
-) -> torch.optim.Optimizer:
-    """Train ``model`` for ``steps`` SGD steps on seeded synthetic data, leaving it in eval mode.
-
-    Classifiers (2-d outputs) learn random labels by cross-entropy, other models regress a fixed random
-    target. ``on_step(model)`` is called after each step (the EMA copy of a timm-style checkpoint uses it).
+    Parameters come from numpy's generator in float64 (weights scaled by fan-in, norm weights in [0.5, 1.5],
+    biases small), rounded once to float32. The BatchNorm statistics are then what the model's own data
+    gives: the model runs in float64 on seeded synthetic batches (a per-channel offset and scale, so every
+    norm sees its own non-trivial mean and variance) with a cumulative average (momentum None), and the
+    result is rounded once to float32. Kernel rounding of any CPU stays ~1e-16 relative in float64 and
+    disappears in that rounding, where training steps would amplify it. Every layer then reports
+    ``tracked`` batches, as after real training.
     """
-    generator = torch.Generator().manual_seed(seed)
-    channels = input_shape[1]
-    offset = torch.rand(channels, generator=generator) * 2 - 1
-    scale = torch.rand(channels, generator=generator) * 1.5 + 0.5
-    shape = (batch_size,) + tuple(input_shape[1:])
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    target = None
-    for _ in range(steps):
-        x = synthetic_batch(generator, shape, offset, scale)
-        out = model(x)
-        if out.ndim == 2:
-            labels = torch.randint(0, out.shape[1], (batch_size,), generator=generator)
-            loss = F.cross_entropy(out, labels)
-        else:
-            if target is None:
-                target = torch.randn(out.shape, generator=generator).tanh()
-            loss = F.mse_loss(out, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if on_step is not None:
-            on_step(model)
-    model.eval()
-    return optimizer
-
-
-def trained(name: str, steps: int, seed: int, **train_options) -> tuple[nn.Module, torch.optim.Optimizer]:
     factory, input_shape = models.MODELS[name]
-    torch.manual_seed(seed)
-    model = factory()
-    optimizer = train_briefly(model, input_shape, steps, seed, **train_options)
-    return model, optimizer
+    torch.manual_seed(seed)  # only the factory's own init, every value of which is replaced below
+    model = factory().double()
+    rng = np.random.default_rng(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if id(p) in norm_params:
+                values = rng.uniform(0.5, 1.5, p.shape) if pname.endswith("weight") else rng.normal(0, 0.1, p.shape)
+            elif p.ndim >= 2:
+                fan_in = int(np.prod(p.shape[1:]))
+                values = rng.normal(0.0, np.sqrt(2.0 / fan_in), p.shape)
+            else:
+                values = rng.normal(0.0, 0.05, p.shape)
+            p.copy_(torch.from_numpy(values))
+        momenta = {m: m.momentum for m in norms}
+        for m in norms:
+            if m.track_running_stats:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches below
+        channels = input_shape[1]
+        offset = rng.uniform(-1.0, 1.0, channels)
+        scale = rng.uniform(0.5, 2.0, channels)
+        view = (1, -1) + (1,) * (len(input_shape) - 2)
+        model.train()
+        for _ in range(STAT_BATCHES):
+            x = rng.standard_normal((16,) + tuple(input_shape[1:])) * scale.reshape(view) + offset.reshape(view)
+            model(torch.from_numpy(x))
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+            if m.track_running_stats:
+                m.num_batches_tracked.fill_(tracked)
+    return model.float().eval()
 
 
 def example_input(name: str, seed: int = SEED) -> torch.Tensor:
@@ -130,20 +122,26 @@ def stdout_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-class EMA:
-    """timm-style exponential moving average of every state-dict entry (integers are copied)."""
+def ema_state(state: OrderedDict, seed: int) -> OrderedDict:
+    """A timm-style EMA copy: every float entry a little off the live weights (seeded, float64, rounded once),
+    integers copied, as an exponential moving average leaves them."""
+    rng = np.random.default_rng(seed)
+    out = OrderedDict()
+    for key, value in state.items():
+        if value.is_floating_point():
+            factor = 1.0 + rng.normal(0.0, 0.02, tuple(value.shape))
+            value = (value.double() * torch.from_numpy(factor)).to(value.dtype)
+        out[key] = value.clone()
+    return out
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.state = plain_state_dict(model)
 
-    def update(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for key, value in model.state_dict().items():
-                if value.is_floating_point():
-                    self.state[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
-                else:
-                    self.state[key].copy_(value)
+def sgd_with_momentum(model: nn.Module, seed: int, lr: float = 0.1) -> torch.optim.Optimizer:
+    """An SGD optimizer whose momentum buffers hold seeded values, as a checkpoint mid-training carries."""
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = torch.from_numpy(rng.normal(0.0, 1e-3, tuple(p.shape))).float()
+    return optimizer
 
 
 def break_unhealthy(model: nn.Module) -> None:
@@ -218,7 +216,8 @@ def make_all(out_dir: Path) -> list[tuple[Path, str]]:
         return path
 
     # ---- resnet_tiny in every container format ----
-    resnet, optimizer = trained("resnet_tiny", steps=30, seed=SEED, lr=0.1)
+    resnet = seeded_model("resnet_tiny", tracked=30, seed=SEED)
+    optimizer = sgd_with_momentum(resnet, seed=SEED)
     state = plain_state_dict(resnet)
     torch.save(state, wrote("resnet_tiny.pt", "state dict, torch zip format"))
     torch.save(
@@ -261,28 +260,19 @@ def make_all(out_dir: Path) -> list[tuple[Path, str]]:
     export_onnx(resnet, example, wrote("resnet_tiny.onnx", "ONNX, BatchNormalization nodes kept"))
 
     # ---- mobilenetv2_tiny: plain and timm-style with EMA ----
-    ema: EMA | None = None
-
-    def update_ema(model: nn.Module) -> None:
-        nonlocal ema
-        if ema is None:
-            ema = EMA(model, decay=0.9)
-        else:
-            ema.update(model)
-
-    mobilenet, _ = trained("mobilenetv2_tiny", steps=24, seed=SEED + 1, on_step=update_ema)
+    mobilenet = seeded_model("mobilenetv2_tiny", tracked=24, seed=SEED + 1)
     mobilenet_state = plain_state_dict(mobilenet)
     torch.save(mobilenet_state, wrote("mobilenetv2_tiny.pt", "state dict, torch zip format"))
     timm_checkpoint = {
         "epoch": 3,
         "arch": "mobilenetv2_tiny",
         "state_dict": mobilenet_state,
-        "state_dict_ema": ema.state,
+        "state_dict_ema": ema_state(mobilenet_state, seed=SEED + 1),
     }
     torch.save(timm_checkpoint, wrote("mobilenetv2_tiny_ema.pth", "timm checkpoint: state_dict + state_dict_ema"))
 
-    # ---- unhealthy: trained, then one problem per layer ----
-    unhealthy, _ = trained("unhealthy_net", steps=UNHEALTHY_STEPS, seed=SEED + 2)
+    # ---- unhealthy: seeded, then one problem per layer ----
+    unhealthy = seeded_model("unhealthy_net", tracked=UNHEALTHY_STEPS, seed=SEED + 2)
     break_unhealthy(unhealthy)
     torch.save(plain_state_dict(unhealthy), wrote("unhealthy.pt", "state dict with one problem per bn_* layer"))
 

@@ -47,6 +47,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         for to, options in CONFIGS.items():
             train(rank, to, options, out_dir)
+        # both ranks done before either tears gloo down: a rank that leaves while its peer still has
+        # traffic in flight aborts in gloo's destructor ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
