@@ -5,11 +5,13 @@ BatchNorm estimates its statistics from each batch; with 2 samples a step those 
 running averages used at test time drift from what training saw. FRN normalises each sample on its own; MABN
 averages its statistics over the last ``real_B // B`` steps. This script measures what that does here.
 
-    python examples/small_batch.py            # the full run (a few minutes on one CPU core)
-    python examples/small_batch.py --quick    # a tiny run that only checks the script works
+    python examples/small_batch.py                      # the full run, seeds 0 1 2 (~6 minutes on one core)
+    python examples/small_batch.py --quick --seeds 0    # a tiny run that only checks the script works
+    python examples/small_batch.py --out-dir examples   # refresh the files the README shows
 
-Writes ``small_batch.png`` (test accuracy vs batch size, one line per norm) and ``small_batch.md`` (the
-table) into ``--out-dir`` (default: this directory). Needs the ``demo`` extra: scikit-learn, matplotlib.
+Writes ``small_batch.png`` (test accuracy vs batch size, one line per norm, min-max over the seeds) and
+``small_batch.md`` (the table, naming the machine that measured it) into ``--out-dir`` (default:
+./small_batch_out, never the tracked files). Needs the ``demo`` extra: scikit-learn, matplotlib.
 """
 
 from __future__ import annotations
@@ -95,39 +97,74 @@ def train_one(norm: str, batch_size: int, samples_seen: int, data, seed: int) ->
     return Result(norm, batch_size, steps, accuracy, float(np.mean(tail)), seconds)
 
 
-def markdown_table(results: list[Result], samples_seen: int, seed: int) -> str:
+def machine() -> str:
+    """The CPU, core count and torch version, so a table says where its numbers were measured."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, one thread"
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    """``mean (min-max)`` over seeds; just the value for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def markdown_table(results: list[Result], samples_seen: int, seeds: list[int]) -> str:
     lines = [
         f"Test accuracy on scikit-learn digits (450 test images), {samples_seen} training samples seen per run, "
-        f"seed {seed}, SGD momentum 0.9, lr {BASE_LR} x batch / {BASE_BATCH}.",
+        f"seeds {', '.join(map(str, seeds))} (mean, then min-max over the seeds), SGD momentum 0.9, "
+        f"lr {BASE_LR} x batch / {BASE_BATCH}. Measured on {machine()}.",
         "",
         "| norm | batch size | steps | test accuracy | train loss (last 10% of steps) | train seconds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(f"| {NORM_LABELS[r.norm]} | {r.batch_size} | {r.steps} | {r.test_accuracy:.4f} | "
-                     f"{r.final_train_loss:.4f} | {r.seconds:.1f} |")
+    for norm in NORMS:
+        for batch_size in BATCH_SIZES:
+            mine = [r for r in results if r.norm == norm and r.batch_size == batch_size]
+            lines.append(f"| {NORM_LABELS[norm]} | {batch_size} | {mine[0].steps} | "
+                         f"{spread([r.test_accuracy for r in mine])} | "
+                         f"{spread([r.final_train_loss for r in mine])} | "
+                         f"{np.mean([r.seconds for r in mine]):.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[Result], path: Path, samples_seen: int) -> None:
+def plot(results: list[Result], path: Path, samples_seen: int, seeds: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for norm in NORMS:
-        mine = sorted((r for r in results if r.norm == norm), key=lambda r: r.batch_size)
-        ax.plot([r.batch_size for r in mine], [r.test_accuracy for r in mine], marker="o", label=NORM_LABELS[norm])
+    for shift, norm in zip((-0.06, 0.0, 0.06), NORMS):
+        xs, means, below, above = [], [], [], []
+        for batch_size in BATCH_SIZES:
+            acc = [r.test_accuracy for r in results if r.norm == norm and r.batch_size == batch_size]
+            xs.append(batch_size * 2 ** shift)  # side by side, so the seed ranges do not hide each other
+            means.append(np.mean(acc))
+            below.append(np.mean(acc) - min(acc))
+            above.append(max(acc) - np.mean(acc))
+        ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=NORM_LABELS[norm])
     ax.set_xscale("log", base=2)
     ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
     ax.set_xlabel("batch size per training step")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (mean, bars: min-max over seeds)")
     # A fixed range rather than matplotlib's auto-zoom, which would blow up differences of one or two of the
     # 450 test images (0.0022 each) into a chart-high gap.
     lowest = min(r.test_accuracy for r in results)
     ax.set_ylim(min(0.9, lowest - 0.02), 1.0)
-    ax.set_title(f"digits (450 test images), small CNN, {samples_seen} samples seen, one seed", fontsize=9)
+    ax.set_title(f"digits (450 test images), small CNN, {samples_seen} samples seen, {len(seeds)} seed(s)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -139,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SAMPLES_SEEN} samples seen per run")
     parser.add_argument("--samples-seen", type=int, default=None, help=f"default {SAMPLES_SEEN}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one run per seed (split, initial weights, sample order); default 0 1 2")
+    parser.add_argument("--out-dir", type=Path, default=Path("small_batch_out"),
+                        help="where small_batch.png and small_batch.md go (default: ./small_batch_out)")
     args = parser.parse_args(argv)
 
     # One thread: on tensors this small, a second thread costs more in hand-offs than it gains, and on a
@@ -149,19 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     samples_seen = args.samples_seen or (QUICK_SAMPLES_SEEN if args.quick else SAMPLES_SEEN)
     if samples_seen % max(BATCH_SIZES) != 0:
         parser.error(f"--samples-seen must be a multiple of {max(BATCH_SIZES)} so every run sees the same samples")
-    data = load_digits_split(args.seed)
     results = []
-    for norm in NORMS:
-        for batch_size in BATCH_SIZES:
-            r = train_one(norm, batch_size, samples_seen, data, args.seed)
-            print(f"{NORM_LABELS[norm]:<18} batch {batch_size:>3}: test accuracy {r.test_accuracy:.4f} "
-                  f"({r.steps} steps, {r.seconds:.1f} s)", flush=True)
-            results.append(r)
+    for seed in args.seeds:
+        data = load_digits_split(seed)
+        for norm in NORMS:
+            for batch_size in BATCH_SIZES:
+                r = train_one(norm, batch_size, samples_seen, data, seed)
+                print(f"seed {seed} {NORM_LABELS[norm]:<18} batch {batch_size:>3}: test accuracy "
+                      f"{r.test_accuracy:.4f} ({r.steps} steps, {r.seconds:.1f} s)", flush=True)
+                results.append(r)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, samples_seen, args.seed)
+    table = markdown_table(results, samples_seen, args.seeds)
     (args.out_dir / "small_batch.md").write_text(table)
-    plot(results, args.out_dir / "small_batch.png", samples_seen)
+    plot(results, args.out_dir / "small_batch.png", samples_seen, args.seeds)
     print()
     print(table, end="")
     return 0

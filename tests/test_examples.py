@@ -18,26 +18,35 @@ pytest.importorskip("matplotlib", reason="the small-batch demo needs the 'demo' 
 
 
 @pytest.mark.slow
-def test_small_batch_quick_writes_plot_and_one_row_per_norm_and_batch(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out-dir", str(tmp_path)],
+def test_small_batch_quick_writes_plot_and_one_row_per_norm_and_batch_with_the_spread_over_seeds(tmp_path):
+    # no --out-dir: the files go to ./small_batch_out of where it runs, never over the tracked ones
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seeds", "0", "1"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    out_dir = tmp_path / "small_batch_out"
 
-    png = (tmp_path / "small_batch.png").read_bytes()
+    png = (out_dir / "small_batch.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
     assert width >= 200 and height >= 200
 
-    table = (tmp_path / "small_batch.md").read_text()
+    table = (out_dir / "small_batch.md").read_text()
     samples_seen = int(re.search(r"(\d+) training samples seen", table).group(1))
+    assert "seeds 0, 1" in table and "Measured on " in table and "cores" in table
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in table.splitlines() if re.match(r"\|\s*(BatchNorm|FRN|MABN)", line)]
     seen = {(row[0], int(row[1])) for row in rows}
     assert len(rows) == 6
     assert seen == {(norm, batch) for norm in ("BatchNorm + ReLU", "FRN + TLU", "MABN + ReLU") for batch in (2, 32)}
+    per_seed = re.findall(r"seed (\d) (.+?)\s+batch\s+(\d+): test accuracy ([\d.]+)", proc.stdout)
+    assert len(per_seed) == 12
     for norm, batch, steps, accuracy, *_ in rows:
         # every run sees the same number of samples, so the step count is samples / batch
         assert int(steps) == samples_seen // int(batch)
-        assert 0.0 <= float(accuracy) <= 1.0
+        mean, low, high = map(float, re.fullmatch(r"([\d.]+) \(([\d.]+)-([\d.]+)\)", accuracy).groups())
+        runs = [float(a) for _, n, b, a in per_seed if n.strip() == norm and int(b) == int(batch)]
+        assert len(runs) == 2
+        assert (low, high) == (min(runs), max(runs)) and low <= mean <= high
+        assert abs(mean - sum(runs) / 2) < 1e-4
     # the table on stdout is the table in the file
     assert table.strip() in proc.stdout
