@@ -86,7 +86,7 @@ class InspectReport:
     state_dict_key: str | None = None
     notes: list[str] = field(default_factory=list)
     file_findings: list[Finding] = field(default_factory=list)  # about the file, not a layer (trust, shards)
-    trust: dict | None = None           # {"verdict": ..., "globals": [{"name", "kind"}]} (CONTRACT.md)
+    trust: dict | None = None           # {"verdict": ..., "globals": [{"name", "kind"}]} (normcli/schemas/inspect.schema.json)
 
     @property
     def summary(self) -> dict[str, Any]:

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every --json output the tests produce, in process or in a subprocess of the installed normcli, is checked
+# against the command's schema (normcli/schemas): a key that drifts from the contract fails the test that saw it.
+os.environ["NORMCLI_VALIDATE_JSON"] = "1"
 SAMPLES = ROOT / "samples"
 
 

@@ -38,8 +38,17 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+def print_json(obj: Any, schema: str) -> None:
+    """Write ``obj`` as the command's one JSON object on stdout. ``schema`` names the command whose schema
+    (normcli/schemas) it follows; it is checked against it when NORMCLI_VALIDATE_JSON=1, as the tests run."""
+    import os
+
+    value = jsonable(obj)
+    if os.environ.get("NORMCLI_VALIDATE_JSON", "") not in ("", "0"):
+        from normcli.schemas import validate
+
+        validate(schema, value)
+    sys.stdout.write(json.dumps(value, indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

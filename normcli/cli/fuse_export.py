@@ -90,7 +90,7 @@ def fuse_export(
                               progress=step)
 
     if json_out:
-        print_json(report_json(report))
+        print_json(report_json(report), schema="fuse-export")
     else:
         render(report)
     if not report.parity.passed:

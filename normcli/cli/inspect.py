@@ -48,7 +48,7 @@ def inspect(
         names = ", ".join(x.name for x in report.layers[:5]) or "none found"
         raise NormcliError(f"--layer {layer!r} matches no norm layer in {path} (layers are named like {names})")
     if json_out:
-        print_json(report_json(report, detail))
+        print_json(report_json(report, detail), schema="inspect")
     else:
         render(report, detail)
     if fails(report, fail_on):

@@ -90,7 +90,7 @@ def swap(
             else:
                 torch.save(result, tmp)
     if json_out:
-        print_json(doc)
+        print_json(doc, schema="swap")
     else:
         _render(report, doc["output"])
     if failures:
