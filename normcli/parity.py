@@ -108,16 +108,33 @@ def mismatch_mask(actual, reference, atol: float, rtol: float):
     return ~close
 
 
-def onnx_session(onnx_path: str | os.PathLike):
-    """An onnxruntime CPU session, with a NormcliError for a file it cannot load."""
+def onnx_session(onnx_path: str | os.PathLike, provider: str | None = None):
+    """An onnxruntime session on ``provider`` (default the CPU), with a NormcliError for a file it cannot load
+    or a provider this onnxruntime does not have."""
     import onnxruntime as ort
 
+    chosen = resolve_provider(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business here
+    providers = [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
     try:
-        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
     except Exception as e:
         raise NormcliError(f"onnxruntime cannot load {onnx_path}: {first_line(e)}") from e
+
+
+def resolve_provider(provider: str | None) -> str:
+    """``cpu``/``cuda``/... or a full name -> the installed onnxruntime execution provider's name."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider is None:
+        return "CPUExecutionProvider"
+    for name in available:
+        if provider.lower() in (name.lower(), name.lower().removesuffix("executionprovider")):
+            return name
+    raise NormcliError(f"--provider {provider!r} is not an execution provider of the installed onnxruntime; "
+                       f"available here: {', '.join(available)}")
 
 
 def load_input_file(path: str | os.PathLike):

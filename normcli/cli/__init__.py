@@ -14,6 +14,7 @@ import typer
 from normcli._version import __version__
 from normcli.cli import fuse_export as fuse_export_cmd
 from normcli.cli import inspect as inspect_cmd
+from normcli.cli import parity as parity_cmd
 from normcli.cli import swap as swap_cmd
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ def _root(
 app.command("inspect")(inspect_cmd.inspect)
 app.command("swap")(swap_cmd.swap)
 app.command("fuse-export")(fuse_export_cmd.fuse_export)
+app.command("parity")(parity_cmd.parity)
 
 
 def _debug_requested(argv: list[str]) -> bool:

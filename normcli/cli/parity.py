@@ -1,0 +1,94 @@
+"""`normcli parity MODEL.onnx --inputs F.npz --expected F.npz`: check an ONNX file against golden outputs.
+
+For deployment pipelines: no torch import, the same metrics and exit codes as fuse-export's check.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from normcli.cli.common import DebugOption, JsonOption, out_console, print_json
+
+# the library defaults (normcli.parity), repeated so that --help shows them without importing numpy
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+DEFAULT_QUANTILE = 0.99
+CHECK_STATS = ("max", "mean", "median", "quantile")
+
+
+def parity(
+    model: str = typer.Argument(..., metavar="MODEL.onnx", help="ONNX model to run in onnxruntime."),
+    inputs: str = typer.Option(..., "--inputs", metavar="F.npz",
+                               help="Inputs keyed by the model's input names (name, or name:0, name:1, ... for "
+                                    "several samples), e.g. from fuse-export --save-inputs."),
+    expected: str = typer.Option(..., "--expected", metavar="F.npz",
+                                 help="Expected outputs keyed by the model's output names, e.g. from fuse-export "
+                                      "--save-outputs."),
+    atol: float = typer.Option(DEFAULT_ATOL, "--atol", metavar="X", help="Absolute tolerance."),
+    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", metavar="X",
+                               help="Relative tolerance: an element fails when |onnx-expected| > atol + "
+                                    "rtol*|expected|."),
+    check_error_stat: Optional[str] = typer.Option(
+        None, "--check-error-stat", metavar="max|mean|median|quantile", case_sensitive=False,
+        help="Check this statistic of the errors instead of every element: fails when it exceeds --atol "
+             "(absolute error) and --rtol (relative error), as Polygraphy does."),
+    error_quantile: float = typer.Option(DEFAULT_QUANTILE, "--error-quantile", metavar="Q",
+                                         help="The quantile checked by --check-error-stat quantile."),
+    provider: Optional[str] = typer.Option(None, "--provider", metavar="NAME",
+                                           help="onnxruntime execution provider (cpu, cuda, ...). Default: cpu."),
+    json_out: bool = JsonOption,
+    debug: bool = DebugOption,
+) -> None:
+    """Check an ONNX model against stored inputs and expected outputs in onnxruntime (no torch needed)."""
+    from normcli.errors import CheckFailed, NormcliError
+    from normcli.formats import check_readable
+    from normcli.golden import check_golden
+
+    stat = check_error_stat.lower() if check_error_stat else None
+    if stat is not None and stat not in CHECK_STATS:
+        raise NormcliError(f"--check-error-stat must be one of {', '.join(CHECK_STATS)}, not {check_error_stat!r}")
+    check_readable(model)
+    result = check_golden(model, inputs, expected, atol=atol, rtol=rtol, check_stat=stat, quantile=error_quantile,
+                          provider=provider)
+    if json_out:
+        print_json({"model": result.model, "passed": result.passed, "atol": result.atol, "rtol": result.rtol,
+                    "samples": result.samples, "provider": result.provider, "check_error_stat": result.check_stat,
+                    "outputs": result.outputs}, schema="parity")
+    else:
+        render(result)
+    if not result.passed:
+        failed = [o.name for o in result.outputs if not o.passed]
+        raise CheckFailed(f"parity failed on {', '.join(failed)}: {model} differs from {expected} beyond "
+                          f"atol={atol:g}, rtol={rtol:g}" + (f" ({stat} error)" if stat else ""))
+
+
+def render(result) -> None:
+    out_console.print(f"{result.model}: {result.samples} sample(s) on {result.provider}, atol {result.atol:g}, "
+                      f"rtol {result.rtol:g}" + (f", checking the {result.check_stat} error" if result.check_stat
+                                                 else ", every element"), markup=False)
+    out_console.print(metrics_table(result.outputs), soft_wrap=True, markup=False)
+
+
+def metrics_table(outputs) -> str:
+    """One row per output: the errors, the tolerance that would have passed, agreement, the verdict."""
+    header = ["output", "max abs", "max rel", "mean abs", "median abs", "p99 abs", "cosine", "need atol",
+              "need rtol", "top-1", "result"]
+    rows = [header]
+    for o in outputs:
+        verdict = "ok" if o.passed else (o.problem or f"FAIL ({o.mismatched}/{o.elements})")
+        rows.append([o.name, _e(o.max_abs), _e(o.max_rel), _e(o.mean_abs), _e(o.median_abs), _e(o.p99_abs),
+                     _f(o.cosine), _e(o.required_atol), _e(o.required_rtol),
+                     "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", verdict])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in rows)
+
+
+def _e(x: float) -> str:
+    return "nan" if x != x else f"{x:.2e}"
+
+
+def _f(x: float) -> str:
+    return "nan" if x != x else f"{x:.6f}"
