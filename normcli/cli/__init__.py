@@ -20,7 +20,8 @@ from normcli.cli import swap as swap_cmd
 app = typer.Typer(
     name="normcli",
     help="Inspect, swap and fold the normalization layers of PyTorch checkpoints.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -37,14 +38,24 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
                                            help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors (also after the "
+                                                      "command, or NORMCLI_DEBUG=1)."),
 ) -> None:
     """Inspect, swap and fold the normalization layers of PyTorch checkpoints."""
 
 
-app.command("inspect")(inspect_cmd.inspect)
-app.command("swap")(swap_cmd.swap)
-app.command("fuse-export")(fuse_export_cmd.fuse_export)
-app.command("parity")(parity_cmd.parity)
+
+def _command(name: str, function) -> None:
+    """Register a command with its docstring's whole first line as the summary `normcli --help` lists
+    (Click would cut it at 45 characters)."""
+    summary = (function.__doc__ or "").strip().splitlines()[0]
+    app.command(name, short_help=summary)(function)
+
+
+_command("inspect", inspect_cmd.inspect)
+_command("swap", swap_cmd.swap)
+_command("fuse-export", fuse_export_cmd.fuse_export)
+_command("parity", parity_cmd.parity)
 
 
 def _debug_requested(argv: list[str]) -> bool:
