@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_inspect import ROOT, interleaved
+from bench_inspect import ROOT, ratio_row, timed_pairs
 
 
 def write_golden(folder: Path) -> tuple[Path, Path]:
@@ -37,10 +37,9 @@ def run(quick: bool = False) -> list[dict]:
                "except SystemExit as e:\n    code = e.code\nsys.exit(3 if 'torch' in sys.modules else code)",
                "parity", str(ROOT / "samples" / "resnet_tiny.onnx"), "--inputs", str(inputs),
                "--expected", str(expected)]
-        wall, torch_wall, _, code = interleaved(cmd, torch_import, repeats)
-    ratio = wall / torch_wall
-    return [{"name": "normcli parity resnet_tiny.onnx / import torch; imports no torch", "normcli": wall,
-             "baseline": torch_wall, "ratio": ratio, "bar": "<= 0.4, no torch", "passed": ratio <= 0.4 and code == 0}]
+        t = timed_pairs(cmd, torch_import, repeats)
+    return [ratio_row("normcli parity resnet_tiny.onnx / import torch; imports no torch", t, 0.4,
+                      extra_ok=t["code"] == 0, bar_text="<= 0.4, no torch")]
 
 
 if __name__ == "__main__":

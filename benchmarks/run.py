@@ -2,7 +2,10 @@
 same run, the ratio, the bar and pass/fail.
 
 A benchmark is any ``benchmarks/bench_<name>.py`` that defines ``run(quick: bool) -> list[dict]`` returning
-rows ``{"name", "normcli", "baseline", "ratio", "bar", "passed"}``. A module that fails to import or raises is
+rows ``{"name", "normcli", "baseline", "ratio", "bar", "passed"}``, and where the ratio is the median of repeated
+runs, ``ratio_min``/``ratio_max``: the spread, shown beside it so that a noisy row looks noisy. Every timing
+bar is a ratio against a baseline measured in the same run (an absolute time says more about what else the
+machine was doing than about normcli); memory bars are absolute. A module that fails to import or raises is
 reported as one failed row carrying the error, and the others still run. The exit code is 0 whether or not
 the bars pass; the last line counts passes and failures.
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-COLUMNS = ("benchmark", "measure", "normcli", "baseline", "ratio", "bar", "result")
+COLUMNS = ("benchmark", "measure", "normcli", "baseline", "ratio", "min", "max", "bar", "result")
 
 
 def discover() -> list[str]:
@@ -69,9 +72,10 @@ def render(results: list[tuple[str, dict]]) -> str:
     cells = [COLUMNS]
     for bench, row in results:
         cells.append((bench, str(row.get("name", "?")), fmt(row.get("normcli")), fmt(row.get("baseline")),
-                      fmt(row.get("ratio")), str(row.get("bar", "-")), "pass" if row.get("passed") else "FAIL"))
+                      fmt(row.get("ratio")), fmt(row.get("ratio_min")), fmt(row.get("ratio_max")),
+                      str(row.get("bar", "-")), "pass" if row.get("passed") else "FAIL"))
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    numeric = {2, 3, 4}
+    numeric = {2, 3, 4, 5, 6}
     lines = []
     for index, line in enumerate(cells):
         lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)

@@ -33,12 +33,18 @@ def test_quick_inspect_prints_one_table_and_the_count_line():
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].split() == ["benchmark", "measure", "normcli", "baseline", "ratio", "bar", "result"]
+    assert lines[0].split() == ["benchmark", "measure", "normcli", "baseline", "ratio", "min", "max", "bar", "result"]
     rows = table_rows(proc.stdout)
     assert any("--help" in row for row in rows)
     assert any("peak RSS" in row for row in rows)
     assert all(row.startswith("inspect ") and row.rstrip().endswith(("pass", "FAIL")) for row in rows)
     assert not any("error:" in row for row in rows), proc.stdout
+    # every timing row is a ratio against import torch, with its spread; only memory stays absolute
+    for row in rows:
+        if "RSS" not in row:
+            assert "/ import torch" in row, row
+            ratio, low, high = (float(x) for x in re.split(r"\s{2,}", row.strip())[4:7])
+            assert low <= ratio <= high, row
     passed, failed, measures, benchmarks = map(int, COUNT_LINE.match(lines[-1]).groups())
     assert benchmarks == 1
     assert measures == len(rows) == passed + failed
