@@ -13,6 +13,14 @@ The targets live in one registry, :data:`SWAP_TARGETS`; the CLI's ``--to`` choic
 - ``mabn``: every BatchNorm2d (and 4-d SyncBatchNorm) becomes MABN2d with the statistics transfer of
   NORM_LAYERS.md, so the eval output stays the same; ``cenconv=True`` also turns the convolutions feeding them
   into CenConv2d, which changes the function (reported as drift). BatchNorm1d/3d are skipped.
+- ``bn``: every SyncBatchNorm becomes the BatchNorm1d/2d/3d of the input rank it sees on the probe (parameters,
+  statistics and counter carried over: the eval output is the same).
+- ``syncbn``: every BatchNorm becomes a SyncBatchNorm with the same state, for DistributedDataParallel.
+- ``frozen``: every BatchNorm with running statistics becomes normcli's FrozenBatchNorm1d/2d/3d, whose state
+  dict is torchvision's FrozenBatchNorm2d layout; the eval output is the same and nothing trains.
+- ``gn``: every BatchNorm becomes GroupNorm with ``groups`` groups (lowered to the largest divisor of its
+  channels, noted per layer), weight and bias carried over. GroupNorm computes another function: the drift and
+  the train check say how far and whether it trains.
 
 This module imports torch only inside its functions, so the CLI can build its ``--to`` choices from
 :data:`SWAP_TARGETS` without importing torch.
@@ -77,6 +85,8 @@ class SwapTarget:
     absorbs_relu: bool = False
     validate: Callable[[Mapping[str, Any]], None] | None = None
     needs_dataflow: Callable[[Mapping[str, Any]], bool] = lambda options: False
+    # whether the swapped model must compute the same eval output (the CLI then fails on any drift)
+    eval_exact: Callable[[Mapping[str, Any]], bool] = lambda options: False
 
 
 def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
@@ -144,6 +154,99 @@ def _convert_mabn(name: str, bn: nn.Module, rank: int | None, options: Mapping[s
     )
 
 
+def _rank_of(bn: nn.Module, rank: int | None) -> int | None:
+    """The input rank a BatchNorm sees: fixed by its class, or seen on the probe (SyncBatchNorm)."""
+    from torch import nn
+
+    if isinstance(bn, nn.BatchNorm2d):
+        return 4
+    if isinstance(bn, nn.BatchNorm3d):
+        return 5
+    if isinstance(bn, nn.BatchNorm1d):
+        return rank if rank in (2, 3) else None
+    return rank
+
+
+def _copy_norm_state(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Parameters, statistics and counters of one BatchNorm-family module into another of the same shape."""
+    target.load_state_dict(source.state_dict())
+    return target.train(source.training)
+
+
+def _convert_bn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    from torch import nn
+
+    if not isinstance(bn, nn.SyncBatchNorm):
+        return f"it is already a {type(bn).__name__}; --to bn converts SyncBatchNorm"
+    classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    if rank not in classes:
+        return ("its input rank is unknown (it did not run on the probe input): pass an input shape, or exclude it"
+                if rank is None else f"it sees {rank}-d inputs; BatchNorm covers 2-d to 5-d inputs")
+    ref = bn.running_var if bn.running_var is not None else bn.weight
+    plain = classes[rank](bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                          track_running_stats=bn.track_running_stats,
+                          device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    return _copy_norm_state(bn, plain)
+
+
+def _convert_syncbn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    from torch import nn
+
+    if isinstance(bn, nn.SyncBatchNorm):
+        return "it is already a SyncBatchNorm"
+    ref = bn.running_var if bn.running_var is not None else bn.weight
+    sync = nn.SyncBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                            track_running_stats=bn.track_running_stats,
+                            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    return _copy_norm_state(bn, sync)
+
+
+def _convert_frozen(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    from normcli.layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+
+    if bn.running_mean is None or bn.running_var is None:
+        return ("it keeps no running statistics (track_running_stats=False): it normalises with each batch's "
+                "statistics even in eval, which a frozen layer cannot do")
+    classes = {2: FrozenBatchNorm1d, 3: FrozenBatchNorm1d, 4: FrozenBatchNorm2d, 5: FrozenBatchNorm3d}
+    rank = _rank_of(bn, rank)
+    if rank not in classes:
+        return ("its input rank is unknown (it did not run on the probe input): pass an input shape, or exclude it"
+                if rank is None else f"it sees {rank}-d inputs; FrozenBatchNorm covers 2-d to 5-d inputs")
+    return classes[rank].from_batchnorm(bn).train(bn.training)
+
+
+def _validate_gn(options: Mapping[str, Any]) -> None:
+    groups = options["groups"]
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise NormcliError(f"swap --to gn: --groups must be a positive integer, got {groups!r}")
+
+
+def gn_groups(channels: int, asked: int) -> int:
+    """The largest divisor of ``channels`` that is at most ``asked`` (GroupNorm needs groups | channels)."""
+    return max(g for g in range(1, min(asked, channels) + 1) if channels % g == 0)
+
+
+def _convert_gn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
+    import torch
+    from torch import nn
+
+    rank = _rank_of(bn, rank)
+    if rank is None:
+        return "its input rank is unknown (it did not run on the probe input): pass an input shape, or exclude it"
+    groups = gn_groups(bn.num_features, options["groups"])
+    if rank == 2 and groups == bn.num_features:
+        return ("on (N, C) inputs a group of one channel holds one value per sample, which GroupNorm maps to its "
+                "bias alone; choose fewer --groups")
+    ref = bn.weight if bn.weight is not None else bn.running_var
+    gn = nn.GroupNorm(groups, bn.num_features, eps=bn.eps, affine=bn.affine,
+                      device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    if bn.affine:
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight)
+            gn.bias.copy_(bn.bias)
+    return gn.train(bn.training)
+
+
 SWAP_TARGETS: dict[str, SwapTarget] = {
     "frn": SwapTarget(
         name="frn",
@@ -159,8 +262,46 @@ SWAP_TARGETS: dict[str, SwapTarget] = {
         convert=_convert_mabn,
         validate=_validate_mabn,
         needs_dataflow=lambda options: bool(options["cenconv"]),
+        eval_exact=lambda options: not options["cenconv"],
+    ),
+    "bn": SwapTarget(
+        name="bn",
+        summary="SyncBatchNorm back to BatchNorm1d/2d/3d of the rank it sees; same eval output",
+        defaults={},
+        convert=_convert_bn,
+        eval_exact=lambda options: True,
+    ),
+    "syncbn": SwapTarget(
+        name="syncbn",
+        summary="BatchNorm to SyncBatchNorm for DistributedDataParallel training; same eval output",
+        defaults={},
+        convert=_convert_syncbn,
+        eval_exact=lambda options: True,
+    ),
+    "frozen": SwapTarget(
+        name="frozen",
+        summary="BatchNorm to normcli's FrozenBatchNorm (fixed statistics and affine, torchvision's state dict "
+                "layout); same eval output",
+        defaults={},
+        convert=_convert_frozen,
+        eval_exact=lambda options: True,
+    ),
+    "gn": SwapTarget(
+        name="gn",
+        summary="BatchNorm to GroupNorm with --groups (default 32, lowered to a divisor of the channels); "
+                "weight and bias carried over, the function changes",
+        defaults={"groups": 32},
+        convert=_convert_gn,
+        validate=_validate_gn,
     ),
 }
+
+
+def resolve_options(to: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The target's defaults with ``options`` applied (None means default), validated; imports no torch."""
+    if to not in SWAP_TARGETS:
+        raise NormcliError(f"unknown swap target {to!r}; choose one of {', '.join(SWAP_TARGETS)}")
+    return _resolve_options(SWAP_TARGETS[to], options)
 
 
 def _resolve_options(target: SwapTarget, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,7 +551,13 @@ def swap_norms(
             report.skipped.append({"name": name, "reason": new})
         else:
             replacements[name] = new
-            report.replaced.append({"name": name, "from": type(bn).__name__, "to": type(new).__name__})
+            entry = {"name": name, "from": type(bn).__name__, "to": type(new).__name__}
+            if isinstance(new, nn.GroupNorm):
+                entry["groups"] = new.num_groups
+                if new.num_groups != resolved["groups"]:
+                    report.notes.append(f"{name}: {new.num_groups} groups instead of {resolved['groups']}, the "
+                                        f"largest divisor of its {new.num_channels} channels that is not larger")
+            report.replaced.append(entry)
 
     graph = None
     if replacements and (target.absorbs_relu or target.needs_dataflow(resolved)):

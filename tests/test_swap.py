@@ -102,10 +102,10 @@ def relu_calls(model):
 
 
 def test_registry_names_the_targets():
-    assert set(SWAP_TARGETS) == {"frn", "mabn"}
+    assert set(SWAP_TARGETS) == {"frn", "mabn", "bn", "syncbn", "frozen", "gn"}
     assert SWAP_TARGETS["mabn"].defaults["warmup_iters"] == 100
-    with pytest.raises(NormcliError, match="frn, mabn"):
-        swap_norms(Block(), "gn")
+    with pytest.raises(NormcliError, match="frn, mabn, bn, syncbn, frozen, gn"):
+        swap_norms(Block(), "layernorm")
     with pytest.raises(NormcliError, match="does not take"):
         swap_norms(Block(), "frn", B=2)
     with pytest.raises(NormcliError, match="multiple of B"):

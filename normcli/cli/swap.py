@@ -9,15 +9,15 @@ import typer
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
                                 err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
-from normcli.swap import SWAP_TARGETS  # the registry itself imports no torch
+from normcli.swap import SWAP_TARGETS, resolve_options  # the registry itself imports no torch
 
 TO_HELP = "Target: " + "; ".join(f"{name}: {t.summary}" for name, t in SWAP_TARGETS.items()) + "."
-MABN_EXACT_REL = 1e-5  # converting to MABN must not change the eval output beyond rounding
+EXACT_REL = 1e-5  # an eval-exact swap (mabn, bn, syncbn, frozen) must not change the output beyond rounding
 
 
 def swap(
     path: str = typer.Argument(..., help="Checkpoint whose BatchNorm layers to replace."),
-    to: str = typer.Option(..., "--to", help=TO_HELP),
+    to: str = typer.Option(..., "--to", metavar="|".join(SWAP_TARGETS), help=TO_HELP),
     output: str = typer.Option(..., "-o", "--output", help="Where to write the swapped model."),
     arch: Optional[str] = ArchOption,
     arch_kwargs: Optional[str] = ArchKwargsOption,
@@ -38,13 +38,16 @@ def swap(
     cenconv: Optional[bool] = typer.Option(None, "--cenconv/--no-cenconv",
                                            help="mabn: also centre the convs feeding each MABN (changes the "
                                                 "function; the drift is reported)."),
+    groups: Optional[int] = typer.Option(None, "--groups", metavar="G",
+                                         help="gn: groups per GroupNorm (default 32, lowered to the largest divisor "
+                                              "of each layer's channels)."),
     json_out: bool = JsonOption,
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     key: Optional[str] = typer.Option(None, "--key", help="Entry of a nested checkpoint that holds the weights."),
     debug: bool = DebugOption,
 ) -> None:
-    """Replace BatchNorm with FRN + TLU or MABN, report what changed, and write the swapped model."""
+    """Replace BatchNorm with FRN + TLU, MABN, BatchNorm/SyncBatchNorm, FrozenBatchNorm or GroupNorm, and write it."""
     from normcli.atomic import atomic_output, check_output_path
     from normcli.errors import CheckFailed, NormcliError
 
@@ -60,11 +63,12 @@ def swap(
     if to not in SWAP_TARGETS:
         raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
     given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
-             "momentum": momentum, "cenconv": cenconv}
+             "momentum": momentum, "cenconv": cenconv, "groups": groups}
     foreign = [k for k, v in given.items() if v is not None and k not in SWAP_TARGETS[to].defaults]
     if foreign:
         raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
     options = {k: v for k, v in given.items() if k in SWAP_TARGETS[to].defaults}
+    resolve_options(to, options)  # an impossible value fails here, before the model is loaded
 
     loaded = load_model(path, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key)
     if isinstance(loaded.model, torch.jit.ScriptModule):
@@ -107,10 +111,10 @@ def _failed_checks(report) -> list[str]:
                         (f"raised {tc['error']}" if tc.get("error") else
                          f"gave non-finite gradients in {', '.join(tc['nonfinite_grads'][:5])}"))
     drift = report.eval_drift
-    if report.to == "mabn" and not report.options.get("cenconv") and drift is not None \
-            and not drift["max_rel"] <= MABN_EXACT_REL:
-        failures.append(f"MABN eval output drifted by {drift['max_rel']:.3g} (relative), more than "
-                        f"{MABN_EXACT_REL:g}")
+    if SWAP_TARGETS[report.to].eval_exact(report.options) and drift is not None \
+            and not drift["max_rel"] <= EXACT_REL:
+        failures.append(f"the {report.to} swap must keep the eval output, but it drifted by {drift['max_rel']:.3g} "
+                        f"(relative), more than {EXACT_REL:g}")
     return failures
 
 

@@ -1,9 +1,10 @@
-"""normcli's own norm layers: FRN + TLU and MABN (with the centred convolution it expects).
+"""normcli's own norm layers: FRN + TLU, MABN (with the centred convolution it expects), FrozenBatchNorm.
 
 Importing this package imports torch; the CLI imports it only inside the commands that need it.
 """
 
 from normcli.layers.frn import FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d
+from normcli.layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from normcli.layers.mabn import MABN2d, CenConv2d
 
 __all__ = [
@@ -12,4 +13,7 @@ __all__ = [
     "FilterResponseNorm3d",
     "MABN2d",
     "CenConv2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
 ]
