@@ -298,13 +298,81 @@ def _shape(node: Any) -> Optional[tuple[int, ...]]:
     return None
 
 
-_NORM_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+def _norm_channel_dims(norm: nn.Module) -> Optional[dict[int, int]]:
+    """For each input rank the norm accepts, the dim it normalises as channels; None when not known.
+
+    BatchNorm1d takes (N, C) and (N, C, L); InstanceNorm{k}d also takes an unbatched (C, ...) input, where its
+    channels are dim 0. A subclass that changes which ranks it accepts is not known.
+    """
+    from normcli.layers.mabn import MABN2d
+
+    known = ((nn.BatchNorm1d, {2: 1, 3: 1}), (nn.BatchNorm2d, {4: 1}), (nn.BatchNorm3d, {5: 1}),
+             (nn.InstanceNorm1d, {2: 0, 3: 1}), (nn.InstanceNorm2d, {3: 0, 4: 1}),
+             (nn.InstanceNorm3d, {4: 0, 5: 1}), (MABN2d, {4: 1}),
+             (nn.SyncBatchNorm, {rank: 1 for rank in range(2, 9)}))
+    for cls, dims in known:
+        if isinstance(norm, cls):
+            check = getattr(cls, "_check_input_dim", None)
+            if check is not None and getattr(type(norm), "_check_input_dim", None) is not check:
+                return None
+            if cls is MABN2d and type(norm).forward is not MABN2d.forward:
+                return None
+            return dims
+    return None
+
+
+def _ranks(dims) -> str:
+    return " or ".join(f"{r}-D" for r in sorted(dims))
+
+
+def _rank_problem(layer: _Layer, norm: nn.Module, where: str) -> Optional[str]:
+    """Without shapes: why the norm's channels may not be the conv's channels at some rank both accept.
+
+    A conv takes a batched (N, C, ...) and an unbatched (C, ...) input; the fold is exact only if, at every
+    rank the conv and the norm both accept, the norm's channel dim is the conv's.
+    """
+    name = type(norm).__name__
+    norm_dims = _norm_channel_dims(norm)
+    if norm_dims is None:
+        return (f"the rank of the tensor {where} is unknown and which dim {name} normalises depends on it; "
+                "pass example_inputs so the fold can check it")
+    layer_dims = {layer.dims + 1: 0, layer.dims + 2: 1}
+    kind = f"a {layer.dims}-d {'transposed conv' if layer.kind == 'convT' else 'conv'}"
+    common = sorted(set(norm_dims) & set(layer_dims))
+    if not common:
+        return (f"the ranks do not match: {name} takes {_ranks(norm_dims)} tensors, {kind} gives and takes "
+                f"{_ranks(layer_dims)}")
+    wrong = [rank for rank in common if norm_dims[rank] != layer_dims[rank]]
+    if not wrong:
+        return None
+    rank = wrong[0]
+    batched = "an unbatched" if layer_dims[rank] == 0 else "a batched"
+    problem = (f"on {batched} {rank}-D tensor {where} {name} normalises dim {norm_dims[rank]}, not the channels "
+               f"of {kind} (dim {layer_dims[rank]})")
+    if len(wrong) == len(common):
+        return f"the ranks do not match: {problem}"
+    return f"{problem}; pass example_inputs so the fold can check the rank"
+
+
+def _broadcast_linear(layer: _Layer, tensor_node: Any, channels: int) -> bool:
+    """A one-channel norm on a Linear's (N, 1, ..., features) output: one scale and shift for every feature.
+
+    Needs the shape: the norm's channel dim is dim 1 of a tensor of rank 3 or more, of size 1.
+    """
+    shape = _shape(tensor_node)
+    return (layer.kind == "linear" and channels == 1 and layer.out_channels != 1 and shape is not None
+            and len(shape) >= 3 and int(shape[1]) == 1)
 
 
 def _layout_problem(layer: _Layer, tensor_node: Any, norm: Optional[nn.Module], channels: int,
                     where: str) -> Optional[str]:
     """Check that the norm's channel dim is the layer's channel dim on the tensor between them."""
     shape = _shape(tensor_node)
+    norm_dims = _norm_channel_dims(norm) if norm is not None else None
+    if shape is not None and norm_dims is not None and norm_dims.get(len(shape), 1) != 1:
+        # e.g. InstanceNorm2d on a 3-D tensor: an unbatched input, channels at dim 0
+        return (f"on the {len(shape)}-D tensor {where} {type(norm).__name__} normalises dim "
+                f"{norm_dims[len(shape)]}, not dim 1")
     if layer.kind == "linear":
         if shape is None:
             return (f"the rank of the tensor {where} is unknown: BatchNorm1d on a 3-D tensor normalises dim 1, "
@@ -317,12 +385,8 @@ def _layout_problem(layer: _Layer, tensor_node: Any, norm: Optional[nn.Module], 
                 return f"the tensor {where} has shape {list(shape)}: not a batched {layer.dims}-d feature map"
             if int(shape[1]) != channels:
                 return f"the tensor {where} has {shape[1]} channels, the norm {channels}"
-        elif where.startswith("into") and norm is not None:
-            # a norm in front of a conv: an unbatched conv input would put channels at dim 0
-            rank = next((r for cls, r in _NORM_RANK.items() if isinstance(norm, cls)), None)
-            if rank != layer.dims + 2:
-                return (f"the rank of the tensor {where} is unknown; pass example_inputs so the fold can check "
-                        "the norm's channels are the conv's input channels")
+        elif norm is not None:
+            return _rank_problem(layer, norm, where)
     return None
 
 
@@ -389,42 +453,71 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
     pending: list[tuple[fx.Node, tuple, str]] = []
     folded_targets: list[str] = []
 
-    # Pass 1: norm after the layer that produces its input.
-    for node in norm_nodes:
-        name = node.target
-        affine = _norm_affine(modules[name])
-        if isinstance(affine, str):
-            report.unfolded.append({"norm": name, "reason": affine})
-            continue
-        if uses[name] > 1:
-            report.unfolded.append({"norm": name, "reason": f"it is called (or its statistics read) at "
-                                                            f"{uses[name]} places"})
-            continue
-        if len(node.args) != 1 or node.kwargs:
-            report.unfolded.append({"norm": name, "reason": "it is called with more than one argument"})
-            continue
-        scale, shift = affine
+    def producer_problem(node: fx.Node, scale: torch.Tensor) -> tuple[Optional[str], bool]:
+        """(why the norm at this call site cannot fold into the layer before it, whether it broadcasts)."""
         src = node.args[0]
         producer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         layer = _layer_of_module(producer) if producer is not None else None
         if layer is None:
-            pending.append((node, affine, "its input is not the output of a conv or linear"))
-            continue
+            return "its input is not the output of a conv or linear", False
         problem = layer_problem(src.target)
         if problem is None and len(src.users) > 1:
             problem = f"the output of '{src.target}' has {len(src.users)} consumers"
-        if problem is None and layer.out_channels != scale.numel():
+        broadcast = problem is None and _broadcast_linear(layer, src, scale.numel())
+        if problem is None and not broadcast and layer.out_channels != scale.numel():
             problem = f"'{src.target}' has {layer.out_channels} output channels, the norm {scale.numel()}"
-        if problem is None:
-            problem = _layout_problem(layer, src, modules[name], scale.numel(), f"out of '{src.target}'")
-        if problem is not None:
-            pending.append((node, affine, problem))
-            continue
+        if problem is None and not broadcast:
+            problem = _layout_problem(layer, src, modules[node.target], scale.numel(), f"out of '{src.target}'")
+        return problem, broadcast
+
+    def fold_into_producer(node: fx.Node, scale: torch.Tensor, shift: torch.Tensor, broadcast: bool) -> str:
+        src = node.args[0]
+        if broadcast:  # one channel: the same scale and shift for every output feature
+            features = modules[src.target].out_features
+            scale, shift = scale.expand(features), shift.expand(features)
         master(src.target).fold_output(scale, shift)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
+        return src.target
+
+    sites: dict[str, list[fx.Node]] = {}
+    for node in norm_nodes:
+        sites.setdefault(node.target, []).append(node)
+
+    # Pass 1: norm after the layer that produces its input.
+    for name, nodes in sites.items():
+        affine = _norm_affine(modules[name])
+        if isinstance(affine, str):
+            report.unfolded.append({"norm": name, "reason": affine})
+            continue
+        if uses[name] > len(nodes):
+            report.unfolded.append({"norm": name, "reason": f"its statistics are read at "
+                                                            f"{uses[name] - len(nodes)} places besides its calls"})
+            continue
+        if any(len(n.args) != 1 or n.kwargs for n in nodes):
+            report.unfolded.append({"norm": name, "reason": "it is called with more than one argument"})
+            continue
+        scale, shift = affine
+        if len(nodes) > 1:
+            # one eval map at every call site: it folds when it folds into the layer before each of them
+            checked = [producer_problem(n, scale) for n in nodes]
+            problem = next((p for p, _ in checked if p is not None), None)
+            if problem is not None:
+                report.unfolded.append({"norm": name, "reason": f"it is called at {len(nodes)} places and "
+                                                                f"cannot fold at each: {problem}"})
+                continue
+            targets = [fold_into_producer(n, scale, shift, bc) for n, (_, bc) in zip(nodes, checked)]
+            folded_targets.append(name)
+            report.folded.append({"norm": name, "into": ", ".join(targets)})
+            continue
+        node = nodes[0]
+        problem, broadcast = producer_problem(node, scale)
+        if problem is not None:
+            pending.append((node, affine, problem))
+            continue
+        target = fold_into_producer(node, scale, shift, broadcast)
         folded_targets.append(name)
-        report.folded.append({"norm": name, "into": src.target})
+        report.folded.append({"norm": name, "into": target})
 
     # Pass 2: norm in front of the conv/linear that consumes it, where that is exact.
     for node, (scale, shift), first_reason in pending:
@@ -747,9 +840,21 @@ def fold_batchnorm(
         why = f"torch.fx could not trace the model ({fx_error}) and torch.export failed too ({export_error})"
         return model, _nothing_folded(model, why)
     folded = _fold_export(exported, model, report)
+    _report_each_norm_once(report)
     report.method = "export"
     report.note = f"torch.fx could not trace the model ({fx_error}); folded on its torch.export graph"
     return folded, report
+
+
+def _report_each_norm_once(report: FoldReport) -> None:
+    """A norm called at several places is one norm: keep its first reason only."""
+    seen: set = set()
+    unfolded = []
+    for entry in report.unfolded:
+        if entry["norm"] not in seen:
+            seen.add(entry["norm"])
+            unfolded.append(entry)
+    report.unfolded = unfolded
 
 
 def _nothing_folded(model: nn.Module, why: str) -> FoldReport:

@@ -437,6 +437,167 @@ def test_never_fold_into_a_conv_called_twice():
     assert "2 places" in reasons(report)["bn1"] and "2 places" in reasons(report)["bn2"]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# without example inputs: only pairs exact at every input rank both accept
+
+
+def _unbatched_equal(model, folded, x):
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv, norm, x_shape", [
+    # the two silent wrong results of the issue: an unbatched conv output puts channels at dim 0
+    (nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6), (4, 8)),
+    (nn.Conv2d(3, 6, 3), nn.BatchNorm1d(6), (3, 8, 5)),
+    # more pairs whose ranks disagree and that run on some input
+    (nn.ConvTranspose1d(4, 6, 3), nn.BatchNorm1d(6), (4, 4)),
+    (nn.Conv3d(2, 6, 3), nn.BatchNorm2d(6), (2, 8, 5, 5)),
+    (nn.Conv2d(3, 6, 3), nn.InstanceNorm1d(6, track_running_stats=True), (3, 8, 5)),
+    (nn.Conv1d(4, 6, 3), nn.InstanceNorm2d(6, track_running_stats=True), (6, 4, 7)),
+    (nn.Conv2d(3, 6, 3), nn.InstanceNorm3d(6, track_running_stats=True), (6, 3, 5, 5)),
+    (nn.Conv3d(2, 6, 3), nn.InstanceNorm2d(6, track_running_stats=True), (2, 8, 5, 5)),
+])
+def test_rank_mismatch_pairs_stay_without_example_inputs(conv, norm, x_shape):
+    model = randomize_norms(nn.Sequential(conv, norm))
+    x = torch.randn(*x_shape)
+    folded, report = check_fold(model, x, example=False)
+    assert report.folded == [] and norm_names(folded) == {"1"}
+    assert "dim" in reasons(report)["1"] and type(norm).__name__ in reasons(report)["1"]
+    # with the shapes known the input shows it is not a batched feature map: still left
+    folded, report = check_fold(model, x)
+    assert report.folded == [] and norm_names(folded) == {"1"}
+    assert "not a batched" in reasons(report)["1"] or "normalises dim 0" in reasons(report)["1"]
+
+
+def test_instance_norm_on_an_unbatched_looking_tensor_stays_with_shapes_known():
+    # (N, F) out of a Linear is an unbatched (C, L) input for InstanceNorm1d: its channels are the batch
+    model = randomize_norms(nn.Sequential(nn.Linear(5, 7), nn.InstanceNorm1d(7, track_running_stats=True)))
+    folded, report = check_fold(model, torch.randn(7, 5))
+    assert report.folded == [] and "normalises dim 0" in reasons(report)["1"]
+
+
+@pytest.mark.parametrize("conv, norm", [
+    (nn.Conv1d(4, 6, 3), nn.BatchNorm2d(6)), (nn.Conv2d(4, 6, 3), nn.BatchNorm3d(6)),
+    (nn.Conv3d(4, 6, 3), nn.BatchNorm1d(6)), (nn.Conv2d(4, 6, 3), nn.BatchNorm1d(6)),
+])
+def test_pairs_that_never_run_together_stay_with_the_rank_mismatch_named(conv, norm):
+    model = randomize_norms(nn.Sequential(conv, norm))
+    folded, report = fold_batchnorm(model)
+    assert report.folded == [] and norm_names(folded) == {"1"}
+    assert "ranks do not match" in reasons(report)["1"]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("norm_kind", ["batch", "instance"])
+def test_matching_ranks_fold_without_example_inputs(dims, norm_kind):
+    conv = CONV[dims](3, 6, 3)
+    norm = BN[dims](6) if norm_kind == "batch" else \
+        {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims](6, track_running_stats=True, affine=True)
+    model = randomize_norms(nn.Sequential(conv, norm))
+    x = torch.randn(2, 3, *SIZE[dims])
+    folded, report = check_fold(model, x, example=False)
+    assert into(report) == {"1": "0"} and norm_names(folded) == set()
+    if norm_kind == "instance":  # InstanceNorm takes the unbatched conv output too, channels at dim 0 for both
+        _unbatched_equal(model, folded, x[0])
+
+
+def test_conv1d_batchnorm1d_folds_once_the_input_is_known_batched():
+    model = randomize_norms(nn.Sequential(nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6)))
+    _, report = check_fold(model, torch.randn(4, 8), example=False)
+    assert "pass example_inputs" in reasons(report)["1"]
+    folded, report = check_fold(model, torch.randn(2, 4, 8))
+    assert into(report) == {"1": "0"} and norm_names(folded) == set()
+    conv_in = randomize_norms(nn.Sequential(nn.Conv1d(4, 6, 3), nn.InstanceNorm1d(6, track_running_stats=True)))
+    folded, report = check_fold(conv_in, torch.randn(4, 8), example=False)  # channels at dim 0 unbatched too
+    assert into(report) == {"1": "0"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one norm after several layers
+
+
+class SharedNorm(nn.Module):
+    def __init__(self, conv1, conv2, norm, tap=False):
+        super().__init__()
+        self.conv1, self.conv2, self.bn = conv1, conv2, norm
+        self.tap = tap
+
+    def forward(self, x):
+        a = self.conv1(x)
+        out = self.bn(a) + self.bn(self.conv2(x))
+        return out + a if self.tap else out
+
+
+def test_one_norm_after_two_convs_folds_into_both_and_is_reported_once():
+    model = randomize_norms(SharedNorm(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    for example in (True, False):
+        folded, report = check_fold(model, torch.randn(2, 3, 6, 6), example=example)
+        assert report.folded == [{"norm": "bn", "into": "conv1, conv2"}] and report.unfolded == []
+        assert norm_names(folded) == set()
+
+
+def test_one_norm_after_two_convs_stays_when_one_conv_output_is_used_elsewhere():
+    model = randomize_norms(SharedNorm(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), tap=True))
+    folded, report = check_fold(model, torch.randn(2, 3, 6, 6))
+    assert report.folded == [] and len(report.unfolded) == 1
+    assert "2 places" in reasons(report)["bn"] and "'conv1' has 2 consumers" in reasons(report)["bn"]
+    assert norm_names(folded) == {"bn"}
+    for name in ("conv1", "conv2"):  # neither conv changed: the norm still runs after both
+        assert torch.equal(folded.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims=st.integers(1, 3), transposed=st.booleans(), groups=st.sampled_from([1, 2]),
+       channels=st.integers(1, 3), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_shared_norm_folds_into_every_producer(dims, transposed, groups, channels, bias, seed):
+    out_ch, in_ch = groups * channels, groups * 2
+    make = CONVT[dims] if transposed else CONV[dims]
+    torch.manual_seed(seed)
+    model = SharedNorm(make(in_ch, out_ch, 3, groups=groups, bias=bias), make(in_ch, out_ch, 3, groups=groups),
+                       BN[dims](out_ch)).double()
+    model = randomize_norms(model, seed=seed)
+    x = torch.randn(2, in_ch, *SIZE[dims], dtype=torch.float64)
+    folded, report = fold_batchnorm(model, example_inputs=(x,))
+    assert into(report) == {"bn": "conv1, conv2"} and norm_names(folded) == set()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))  # float64 tolerances
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one-channel norm after a Linear: broadcast
+
+
+def test_linear_then_one_channel_norm_folds_by_broadcasting():
+    model = randomize_norms(nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(1)))
+    x = torch.randn(5, 1, 20)
+    _, report = check_fold(model, x, example=False)  # the rank is unknown: left
+    assert report.folded == [] and "1" in reasons(report)
+    folded, report = check_fold(model, x)
+    assert into(report) == {"1": "0"} and norm_names(folded) == set()
+    assert folded.get_submodule("0").weight.shape == (8, 20)
+
+
+def test_linear_then_norm_with_several_channels_on_3d_input_stays():
+    model = randomize_norms(nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(3)))
+    folded, report = check_fold(model, torch.randn(5, 3, 20))
+    assert report.folded == [] and norm_names(folded) == {"1"}
+
+
+@settings(max_examples=25, deadline=None)
+@given(in_f=st.integers(1, 6), out_f=st.integers(2, 6), batch=st.integers(1, 4), length_dims=st.integers(0, 2),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_one_channel_norm_broadcast_fold_is_exact(in_f, out_f, batch, length_dims, bias, seed):
+    torch.manual_seed(seed)
+    norm = BN[length_dims + 1](1)  # BatchNorm1d on (N, 1, F), 2d on (N, 1, L, F), 3d on (N, 1, L, L, F)
+    model = randomize_norms(nn.Sequential(nn.Linear(in_f, out_f, bias=bias), norm).double(), seed=seed)
+    x = torch.randn(batch, 1, *([3] * length_dims), in_f, dtype=torch.float64)
+    folded, report = fold_batchnorm(model, example_inputs=(x,))
+    assert into(report) == {"1": "0"} and norm_names(folded) == set()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+
+
 def test_never_fold_non_float_dtypes():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1),
                           nn.BatchNorm2d(4)).eval()
