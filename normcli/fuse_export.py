@@ -62,6 +62,7 @@ class FuseExportReport:
     save_fused: str | None = None
     save_fused_format: str | None = None
     warnings: list[str] = field(default_factory=list)
+    reference: str = "the original model"  # what parity and the fold check compare against, and why
 
     @property
     def passed(self) -> bool:
@@ -73,7 +74,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                 input_tensors: Sequence | None = None,
                 example_inputs: tuple | None = None,
                 exporter: str = DEFAULT_EXPORTER, opset: int | None = None, dynamic_batch: bool = False,
-                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, samples: int = DEFAULT_SAMPLES,
+                atol: float | None = None, rtol: float | None = None, samples: int = DEFAULT_SAMPLES,
                 seed: int = 0, keep_on_fail: bool = False, save_fused: str | os.PathLike | None = None,
                 force: bool = False, sources: Sequence[str | os.PathLike] = (),
                 progress: Callable[[str], None] | None = None) -> FuseExportReport:
@@ -81,7 +82,8 @@ def fuse_export(model, output: str | os.PathLike, *,
 
     input_shapes: one shape per model input; input_tensors: real inputs (then parity runs on them, not on
     ``samples`` random ones); example_inputs: a ``.pt2`` archive's, used for shapes when nothing else is
-    given. sources: input files that must not be overwritten.
+    given. sources: input files that must not be overwritten. atol/rtol: None means the default for the
+    model's dtype (``dtype_tolerances``); a float16/bfloat16 model is judged against a float32 run of itself.
     """
     import torch
 
@@ -98,6 +100,13 @@ def fuse_export(model, output: str | os.PathLike, *,
 
     _eval_mode(model)
     dtype = _input_dtype(model)
+    default_atol, default_rtol = dtype_tolerances(dtype)
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    if atol < 0 or rtol < 0:
+        raise NormcliError(f"tolerances must not be negative (atol={atol}, rtol={rtol})")
+    reference_model, reference_note = _reference_model(model, dtype)
+    widen = reference_model is not model
     inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
                                     dynamic_batch, dtype)
     example = inputs[0]
@@ -106,13 +115,13 @@ def fuse_export(model, output: str | os.PathLike, *,
         if dynamic_batch else example
     with torch.no_grad():
         try:
-            reference_outputs = model(*example)
+            reference_outputs = reference_model(*_widened(example, widen))
         except Exception as e:
             raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
                                f"{describe(e)}; pass --input-shape") from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
         references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
-        references += [torch.utils._pytree.tree_flatten(model(*s))[0] for s in inputs[1:]]
+        references += [torch.utils._pytree.tree_flatten(reference_model(*_widened(s, widen)))[0] for s in inputs[1:]]
 
     step("folding BatchNorm")
     folded, fold_report = fold_module.fold_batchnorm(model, inplace=False, example_inputs=example)
@@ -128,7 +137,14 @@ def fuse_export(model, output: str | os.PathLike, *,
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs))
         step("checking parity in onnxruntime")
-        parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
+        try:
+            parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
+        except NormcliError as e:
+            if dtype == torch.bfloat16:
+                raise NormcliError(f"{e}; onnxruntime's CPU build runs few operators in bfloat16: export the "
+                                   "model in float16 or float32 instead (model.half() or model.float() before "
+                                   "saving it)") from e
+            raise
 
         written = None
         fused_format = None
@@ -153,7 +169,7 @@ def fuse_export(model, output: str | os.PathLike, *,
         onnx={"nodes": exported.nodes, "batchnorm_nodes": exported.batchnorm_nodes,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
-        warnings=list(dict.fromkeys(notes)),
+        warnings=list(dict.fromkeys(notes)), reference=reference_note,
     )
 
 
@@ -282,6 +298,57 @@ def _input_dtype(model):
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
+
+
+# Machine epsilon (the spacing of numbers near 1) of each half dtype; its tolerances are multiples of it.
+_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+# A half-precision model rounds every layer's output to its dtype: errors of a few epsilon per layer,
+# relative to the activations, add up through the network. A wrong fold or export is off by the norm's
+# scale and shift, far more.
+HALF_EPS_MULTIPLE = 16
+
+
+def dtype_tolerances(dtype) -> tuple[float, float]:
+    """(atol, rtol) of the parity and fold checks for a model whose parameters are ``dtype``.
+
+    float32 and float64: ``DEFAULT_ATOL``, ``DEFAULT_RTOL``; float16 and bfloat16: ``HALF_EPS_MULTIPLE``
+    times the dtype's epsilon, both absolute and relative (float16: 0.0156, bfloat16: 0.125).
+    """
+    eps = _EPS.get(str(dtype).replace("torch.", ""))
+    if eps is None:
+        return DEFAULT_ATOL, DEFAULT_RTOL
+    return HALF_EPS_MULTIPLE * eps, HALF_EPS_MULTIPLE * eps
+
+
+def _reference_model(model, dtype):
+    """The model the checks compare against: a float32 copy of a half-precision model, else the model itself.
+
+    A float16 model compared with itself would judge the ONNX by torch's own float16 rounding; the float32
+    copy computes what the half-precision weights mean.
+    """
+    import copy
+
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return model, "the original model"
+    name = str(dtype).replace("torch.", "")
+    try:
+        wide = copy.deepcopy(model).float()
+    except Exception as e:
+        raise NormcliError(f"cannot make a float32 copy of the {name} model to check it against ({describe(e)}); "
+                           "convert it with model.float() before saving") from e
+    _eval_mode(wide)
+    return wide, (f"a float32 run of the original {name} model (default tolerances {HALF_EPS_MULTIPLE} x "
+                  f"{name}'s epsilon {_EPS[name]:g})")
+
+
+def _widened(inputs: tuple, widen: bool) -> tuple:
+    import torch
+
+    if not widen:
+        return inputs
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
 
 def _shapes(inputs) -> str:

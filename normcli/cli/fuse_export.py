@@ -37,9 +37,14 @@ def fuse_export(
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch",
                                        help="Make dim 0 of every input and output symbolic; parity then runs "
                                             "two batch sizes."),
-    atol: float = typer.Option(DEFAULT_ATOL, "--atol", metavar="X", help="Absolute tolerance of the parity check."),
-    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", metavar="X",
-                               help="Relative tolerance: an element fails when |onnx-torch| > atol + rtol*|torch|."),
+    atol: Optional[float] = typer.Option(
+        None, "--atol", metavar="X",
+        help=f"Absolute tolerance of the parity check. Default {DEFAULT_ATOL:g}; for a float16/bfloat16 model "
+             "16 times its epsilon (0.0156 / 0.125), judged against a float32 run of it."),
+    rtol: Optional[float] = typer.Option(
+        None, "--rtol", metavar="X",
+        help=f"Relative tolerance: an element fails when |onnx-torch| > atol + rtol*|torch|. Default "
+             f"{DEFAULT_RTOL:g}; for float16/bfloat16 as --atol."),
     samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", metavar="N",
                                 help="Seeded standard-normal inputs to check parity on."),
     exporter: str = typer.Option("dynamo", "--exporter", metavar="dynamo|torchscript", case_sensitive=False,
@@ -65,7 +70,7 @@ def fuse_export(
         raise NormcliError(f"--exporter must be dynamo or torchscript, not {exporter!r}")
     if samples < 1:
         raise NormcliError(f"--samples must be at least 1, got {samples}")
-    if atol < 0 or rtol < 0:
+    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise NormcliError(f"--atol and --rtol must not be negative (got {atol}, {rtol})")
     shapes = [parse_shape(s) for s in input_shape or []]
     # refuse a clobbering or unwritable output before the slow work starts
@@ -98,7 +103,7 @@ def fuse_export(
         kept = f"; {report.output} was written anyway (--keep-on-fail)" if report.output else \
             "; nothing was written"
         raise CheckFailed(f"parity failed on {', '.join(failed)}: the ONNX model differs from the torch model "
-                          f"beyond atol={atol} + rtol={rtol}*|torch|{kept}")
+                          f"beyond atol={report.parity.atol} + rtol={report.parity.rtol}*|torch|{kept}")
 
 
 def report_json(report) -> dict:
@@ -116,7 +121,7 @@ def report_json(report) -> dict:
         "input_shapes": report.input_shapes, "input_source": report.input_source,
         "fold_method": report.fold_method, "fold_note": report.fold_note, "fold_check": report.fold_check,
         "save_fused": report.save_fused, "save_fused_format": report.save_fused_format,
-        "warnings": report.warnings,
+        "warnings": report.warnings, "reference": report.reference,
     })
 
 
@@ -164,6 +169,8 @@ def render(report) -> None:
     parity = report.parity
     console.print(f"parity in onnxruntime, original torch model as reference: {parity.samples} samples, "
                   f"atol {parity.atol:g}, rtol {parity.rtol:g}", soft_wrap=True)
+    if report.reference != "the original model":
+        console.print(f"reference: {report.reference}", soft_wrap=True)
     table = Table(header_style="bold", box=None, pad_edge=False)
     for col in ("output", "max abs", "max rel", "mean abs", "mismatched", ""):
         table.add_column(col, justify="left" if col in ("output", "") else "right")
