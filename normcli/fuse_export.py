@@ -123,8 +123,11 @@ def fuse_export(model, output: str | os.PathLike, *,
         references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
         references += [torch.utils._pytree.tree_flatten(reference_model(*_widened(s, widen)))[0] for s in inputs[1:]]
 
-    step("folding BatchNorm")
-    folded, fold_report = fold_module.fold_batchnorm(model, inplace=False, example_inputs=example)
+    step("folding weight normalization and BatchNorm")
+    from normcli.weight_norm import fold_weight_norm
+
+    plain, weight_norm_report = fold_weight_norm(model)  # a copy when it folds anything
+    folded, fold_report = fold_module.fold_batchnorm(plain, inplace=plain is not model, example_inputs=example)
     _eval_mode(folded)
     step("checking the folded model in torch")
     fold_check = _fold_check(folded, inputs, references, atol, rtol)
@@ -164,7 +167,8 @@ def fuse_export(model, output: str | os.PathLike, *,
     return FuseExportReport(
         output=written, exporter=exported.exporter, opset=exported.opset, dynamic_batch=dynamic_batch,
         input_shapes=[list(t.shape) for t in example], input_source=source,
-        folded=list(fold_report.folded), unfolded=list(fold_report.unfolded),
+        folded=weight_norm_report.folded + list(fold_report.folded),
+        unfolded=weight_norm_report.unfolded + list(fold_report.unfolded),
         fold_method=fold_report.method, fold_note=fold_report.note, fold_check=fold_check, parity=parity,
         onnx={"nodes": exported.nodes, "batchnorm_nodes": exported.batchnorm_nodes,
               "input_names": exported.input_names, "output_names": exported.output_names},
@@ -326,15 +330,15 @@ def _reference_model(model, dtype):
     A float16 model compared with itself would judge the ONNX by torch's own float16 rounding; the float32
     copy computes what the half-precision weights mean.
     """
-    import copy
-
     import torch
+
+    from normcli.weight_norm import copy_module
 
     if dtype not in (torch.float16, torch.bfloat16):
         return model, "the original model"
     name = str(dtype).replace("torch.", "")
     try:
-        wide = copy.deepcopy(model).float()
+        wide = copy_module(model).float()
     except Exception as e:
         raise NormcliError(f"cannot make a float32 copy of the {name} model to check it against ({describe(e)}); "
                            "convert it with model.float() before saving") from e
