@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_arch": "normcli.loading",
     "fold_batchnorm": "normcli.fold",
     "FoldReport": "normcli.fold",
+    "fold_weight_norm": "normcli.weight_norm",
     "swap_norms": "normcli.swap",
     "SwapReport": "normcli.swap",
     "SWAP_TARGETS": "normcli.swap",

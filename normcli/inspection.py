@@ -24,6 +24,7 @@ FINDING_SEVERITY = {
     "dead-channels": "warning",
     "fp16-overflow": "warning",
     "mixed-tracking": "warning",
+    "tiny-direction": "warning",
 }
 FP16_MAX = 65504.0
 
@@ -45,6 +46,7 @@ class Thresholds:
     tiny_var_ratio: float = 1.0  # running_var < ratio * eps: eps, not the data, sets the channel's scale
     dead_weight: float = 1e-8    # |weight| at or below this: the channel's output is constant
     fp16_max: float = FP16_MAX   # |weight / sqrt(var + eps)| or |folded bias| above this overflows fp16
+    tiny_direction_ratio: float = 1e-3  # weight norm: a slice's ||v|| below ratio * the median ||v|| (or 0)
 
 
 @dataclass
@@ -76,6 +78,8 @@ class NormLayer:
     findings: list[Finding] = field(default_factory=list)
     eps: float | None = None
     values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per-channel arrays
+    direction_norm: Stats | None = None  # WeightNorm: ||v|| per slice (g is ``weight``)
+    norm_dim: int | None = None          # WeightNorm: the dim g keeps; None: one norm over all of v
 
 
 @dataclass
@@ -165,7 +169,7 @@ def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | Non
     for key, t in tensors.items():
         module, _, leaf = key.rpartition(".")
         groups.setdefault(module, {})[leaf] = t
-    layers = []
+    layers = _weight_norm_layers(groups, module_types)
     for module, members in groups.items():
         names = set(members)
         cls = _class_name(module_types.get(module))
@@ -187,6 +191,85 @@ def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | Non
         except Exception as e:  # the bytes behind a tensor do not match its description
             raise NormcliError(f"cannot read the tensors of layer {module!r} ({type(e).__name__}: {e}); "
                                "the file is truncated or corrupt") from None
+    return layers
+
+
+_PARAMETRIZED = ".parametrizations."
+WEIGHT_NORM_CLASSES = {"_WeightNorm", "WeightNorm"}
+
+
+def _weight_norm_pairs(groups: dict[str, dict[str, Any]], module_types: dict[str, str]):
+    """(layer name, owner module, g, v) for each weight-normalized tensor, in both storage forms.
+
+    ``torch.nn.utils.weight_norm``: ``<owner>.<tensor>_g`` / ``_v``; ``parametrizations.weight_norm``:
+    ``<owner>.parametrizations.<tensor>.original0`` / ``original1``.
+    """
+    for module, members in groups.items():
+        path = f".{module}"
+        if _PARAMETRIZED in path and {"original0", "original1"} <= set(members):
+            owner, _, tensor = path.rpartition(_PARAMETRIZED)
+            owner = owner[1:]
+            cls = _class_name(module_types.get(f"{module}.0"))
+            if cls is not None and cls not in WEIGHT_NORM_CLASSES:
+                continue  # another parametrization with two originals
+            exact = cls is not None
+            yield _tensor_layer(owner, tensor), exact, members["original0"], members["original1"]
+            continue
+        for leaf in sorted(members):
+            if leaf.endswith("_g") and f"{leaf[:-2]}_v" in members:
+                exact = module_types.get(module) is not None
+                yield _tensor_layer(module, leaf[:-2]), exact, members[leaf], members[f"{leaf[:-2]}_v"]
+
+
+def _tensor_layer(owner: str, tensor: str) -> str:
+    if tensor == "weight":
+        return owner
+    return f"{owner}.{tensor}" if owner else tensor
+
+
+def _weight_norm_dim(g_shape: tuple, v_shape: tuple) -> tuple[bool, int | None]:
+    """(is a weight-norm pair, dim): g is 1 everywhere but the kept dim, where it is v's size; all 1: None."""
+    g_shape, v_shape = tuple(int(d) for d in g_shape), tuple(int(d) for d in v_shape)
+    if all(d == 1 for d in g_shape):
+        return (len(g_shape) in (0, len(v_shape))), None
+    if len(g_shape) != len(v_shape):
+        return False, None
+    kept = [i for i, d in enumerate(g_shape) if d != 1]
+    if len(kept) != 1 or g_shape[kept[0]] != v_shape[kept[0]]:
+        return False, None
+    return True, kept[0]
+
+
+def weight_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | None = None) -> list[NormLayer]:
+    """The weight-normalized tensors among ``tensors`` (named like a state dict; see find_norm_layers)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        groups.setdefault(module, {})[leaf] = t
+    return _weight_norm_layers(groups, module_types or {})
+
+
+def _weight_norm_layers(groups: dict[str, dict[str, Any]], module_types: dict[str, str]) -> list[NormLayer]:
+    layers = []
+    for name, exact, g, v in _weight_norm_pairs(groups, module_types):
+        is_pair, dim = _weight_norm_dim(g.shape, v.shape)
+        if not is_pair or not (_is_float(g) and _is_float(v)):
+            continue
+        try:
+            g_values = _load_vector(g)
+            with np.errstate(all="ignore"):
+                v_values = np.asarray(v.load(), dtype=np.float64)
+                slices = (v_values.reshape(1, -1) if dim is None
+                          else np.moveaxis(v_values, dim, 0).reshape(v_values.shape[dim], -1))
+                direction = np.sqrt(np.sum(slices * slices, axis=1))
+        except Exception as e:  # the bytes behind a tensor do not match its description
+            raise NormcliError(f"cannot read the tensors of layer {name!r} ({type(e).__name__}: {e}); "
+                               "the file is truncated or corrupt") from None
+        layers.append(NormLayer(name=name, kind="WeightNorm", inferred=not exact, num_features=int(g_values.size),
+                                num_batches_tracked=None, running_mean=None, running_var=None,
+                                weight=_stats(g_values), bias=None,
+                                values={"weight": g_values, "direction_norm": direction},
+                                direction_norm=_stats(direction), norm_dim=dim))
     return layers
 
 
@@ -264,7 +347,7 @@ def layer_findings(layer: NormLayer, t: Thresholds) -> list[Finding]:
     out: list[Finding] = []
 
     bad = np.zeros(n, dtype=bool)
-    for arr in (mean, var, weight, bias):
+    for arr in v.values():
         if arr is not None and arr.size == n:
             bad |= ~np.isfinite(arr)
     if bad.any():
@@ -296,6 +379,17 @@ def layer_findings(layer: NormLayer, t: Thresholds) -> list[Finding]:
             out.append(_finding("dead-channels", f"|weight| <= {t.dead_weight:g} in "
                                 f"{_fmt_channels(_channels(dead), n)}: these channels output a constant",
                                 _channels(dead)))
+
+    direction = v.get("direction_norm")
+    if direction is not None and direction.size:
+        finite = direction[np.isfinite(direction)]
+        median = float(np.median(finite)) if finite.size else 0.0
+        tiny = np.isfinite(direction) & ((direction < t.tiny_direction_ratio * median) | (direction == 0))
+        if tiny.any():
+            out.append(_finding("tiny-direction", f"||v|| below {t.tiny_direction_ratio:g} x the layer's median "
+                                f"({median:.3g}) or 0 in {_fmt_channels(_channels(tiny), n)} (min "
+                                f"{float(direction[tiny].min()):.3g}): g * v / ||v|| magnifies any change of these "
+                                "slices of v by 1/||v||", _channels(tiny)))
 
     if var is not None:
         with np.errstate(all="ignore"):

@@ -54,7 +54,27 @@ def read_onnx_norms(path: str | os.PathLike) -> list[NormLayer]:
             if node.op_type not in _NORM_OPS or node.domain not in ("", "ai.onnx"):
                 continue
             layers.append(_layer(node, index, constants))
+    # weight norm exported as it is (g, v and a norm-of-v subgraph): the initializers keep the state-dict names
+    from normcli.inspection import weight_norm_layers
+
+    layers += weight_norm_layers({init.name: _Initializer(init, numpy_helper) for init in model.graph.initializer
+                                  if init.data_location != 1})
     return layers
+
+
+class _Initializer:
+    """An ONNX initializer as the state-dict readers describe a tensor: shape, ndim, dtype and load()."""
+
+    _DTYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+    def __init__(self, tensor, numpy_helper):
+        self._tensor, self._numpy_helper = tensor, numpy_helper
+        self.shape = tuple(int(d) for d in tensor.dims)
+        self.ndim = len(self.shape)
+        self.dtype = self._DTYPES.get(tensor.data_type, "other")
+
+    def load(self) -> np.ndarray:
+        return np.asarray(self._numpy_helper.to_array(self._tensor), dtype=np.float64).reshape(self.shape)
 
 
 def _to_array(tensor, numpy_helper) -> np.ndarray | None:

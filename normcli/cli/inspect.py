@@ -31,6 +31,9 @@ def inspect(
     dead_weight: float = typer.Option(1e-8, "--dead-weight", help="dead-channels flags |weight| <= this."),
     fp16_max: float = typer.Option(65504.0, "--fp16-max",
                                    help="fp16-overflow flags folded scale or bias beyond this."),
+    tiny_direction_ratio: float = typer.Option(
+        1e-3, "--tiny-direction-ratio",
+        help="tiny-direction flags weight-norm slices with ||v|| < ratio * the layer's median ||v|| (or 0)."),
     debug: bool = DebugOption,
 ) -> None:
     """Show every norm layer's statistics and flag stale, non-finite, negative, tiny or overflowing values."""
@@ -40,7 +43,8 @@ def inspect(
     fail_on = fail_on.lower()
     if fail_on not in ("error", "warning", "never"):
         raise NormcliError(f"--fail-on must be error, warning or never, not {fail_on!r}")
-    thresholds = Thresholds(eps=eps, tiny_var_ratio=tiny_var_ratio, dead_weight=dead_weight, fp16_max=fp16_max)
+    thresholds = Thresholds(eps=eps, tiny_var_ratio=tiny_var_ratio, dead_weight=dead_weight, fp16_max=fp16_max,
+                            tiny_direction_ratio=tiny_direction_ratio)
     report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
                           thresholds=thresholds, unsafe_load=unsafe_load)
     detail = select_layers(report.layers, layer) if layer else []
@@ -66,6 +70,8 @@ def report_json(report, detail: list) -> dict:
                  "num_batches_tracked": x.num_batches_tracked, "running_mean": x.running_mean,
                  "running_var": x.running_var, "weight": x.weight, "bias": x.bias, "eps": x.eps,
                  "findings": x.findings}
+        if x.kind == "WeightNorm":  # weight is g; the per-slice norm of v and the dim g keeps
+            entry.update({"direction_norm": x.direction_norm, "dim": x.norm_dim})
         if id(x) in picked:
             entry["channels"] = {k: v.tolist() for k, v in x.values.items()}
         layers.append(entry)
@@ -141,6 +147,11 @@ def render(report, detail: list) -> None:
                       sparkline(x.values.get("running_var")), _range(x.weight), _range(x.bias),
                       " ".join(codes) or "[green]ok[/]")
     console.print(table)
+    for x in report.layers:
+        if x.kind == "WeightNorm":
+            over = "all of v" if x.norm_dim is None else f"dim {x.norm_dim}"
+            console.print(f"{escape(x.name or '(root)')}: weight norm over {over}; g (weight) {_range(x.weight)}, "
+                          f"||v|| per slice {_range(x.direction_norm)}", soft_wrap=True)
     for x in detail:
         _render_channels(console, x)
     findings = [(x, f) for x in report.layers for f in x.findings]
@@ -165,7 +176,7 @@ def _render_channels(console, x) -> None:
 
     table = Table(title=escape(f"{x.name} ({x.kind}, {x.num_features} channels)"), title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
-    cols = [k for k in ("running_mean", "running_var", "weight", "bias") if k in x.values]
+    cols = [k for k in ("running_mean", "running_var", "weight", "bias", "direction_norm") if k in x.values]
     for col in ["ch", *cols, "scale", "flags"]:
         table.add_column(col, justify="right" if col != "flags" else "left")
     eps = x.eps if x.eps is not None else 1e-5
