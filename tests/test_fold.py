@@ -547,6 +547,7 @@ def test_one_norm_after_two_convs_stays_when_one_conv_output_is_used_elsewhere()
         assert torch.equal(folded.get_submodule(name).weight, model.get_submodule(name).weight)
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(dims=st.integers(1, 3), transposed=st.booleans(), groups=st.sampled_from([1, 2]),
        channels=st.integers(1, 3), bias=st.booleans(), seed=st.integers(0, 2**16))
@@ -741,6 +742,25 @@ def test_untraceable_model_folds_on_its_torch_export_graph():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
         other_batch = torch.randn(5, 3, 9, 9)
         torch.testing.assert_close(folded(other_batch), model(other_batch), rtol=1e-4, atol=1e-5)
+
+
+class SharedNormShapeBranch(SharedNorm):
+    """SharedNorm with control flow on a shape: folded on the torch.export graph."""
+
+    def forward(self, x):
+        out = self.bn(self.conv1(x)) + self.bn(self.conv2(x))
+        return out * 2 if x.shape[-1] > 4 else out
+
+
+def test_torch_export_fallback_reports_a_norm_called_twice_once():
+    model = randomize_norms(SharedNormShapeBranch(nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = fold_batchnorm(model, example_inputs=(x,))
+    assert report.method == "export"
+    assert [u["norm"] for u in report.unfolded] == ["bn"] and report.folded == []
+    assert "bn" in dict(folded.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_untraceable_model_without_example_inputs_folds_nothing_and_says_why():

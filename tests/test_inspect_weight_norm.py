@@ -123,6 +123,20 @@ def test_weight_norm_kind_is_exact_from_the_class_names_of_a_full_pickle(tmp_pat
         [("0", "WeightNorm", False), ("1", "WeightNorm", False), ("2", "WeightNorm", False)]
 
 
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_weight_norm_in_pt2_and_torchscript_archives(fmt, tmp_path):
+    model = build("parametrize" if fmt == "pt2" else "hook")[:1]
+    x = torch.randn(1, 4, 8)
+    path = tmp_path / f"model.{fmt}"
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (x,)), str(path))
+    else:
+        torch.jit.trace(model, x).save(str(path))
+    layers = [x for x in inspect_file(path).layers if x.kind == "WeightNorm"]
+    assert [(x.name, x.inferred, x.norm_dim) for x in layers] == [("0", False, 0)]
+    assert {f.code for f in layers[0].findings} == {"tiny-direction", "dead-channels"}
+
+
 def test_weight_norm_in_an_onnx_file_exported_without_folding(tmp_path):
     model = build("parametrize")
     path = tmp_path / "model.onnx"
