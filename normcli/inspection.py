@@ -249,12 +249,37 @@ def weight_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | N
     return _weight_norm_layers(groups, module_types or {})
 
 
+def _numel(t: Any) -> int:
+    n = 1
+    for d in t.shape:
+        n *= int(d)
+    return n
+
+
+def _elements_held(t: Any) -> int | None:
+    """How many values the file really stores behind ``t`` (None when the reader does not say)."""
+    array = getattr(t, "array_", None)
+    if array is not None:
+        return int(array.size)
+    storage = getattr(t, "storage", None)
+    numel = getattr(storage, "numel", None)
+    if isinstance(numel, int):
+        return numel - int(getattr(t, "offset", 0) or 0)
+    return None
+
+
 def _weight_norm_layers(groups: dict[str, dict[str, Any]], module_types: dict[str, str]) -> list[NormLayer]:
     layers = []
     for name, exact, g, v in _weight_norm_pairs(groups, module_types):
         is_pair, dim = _weight_norm_dim(g.shape, v.shape)
         if not is_pair or not (_is_float(g) and _is_float(v)):
             continue
+        for label, t in (("g", g), ("v", v)):
+            held = _elements_held(t)
+            if held is not None and _numel(t) > held:
+                # a weight is never a broadcast view: a shape beyond the bytes would only make us allocate
+                raise NormcliError(f"layer {name!r}: its weight-norm {label} claims {_numel(t)} elements but the "
+                                   f"file holds {held} for it; the file is crafted or corrupt")
         try:
             g_values = _load_vector(g)
             with np.errstate(all="ignore"):

@@ -174,6 +174,15 @@ def test_a_g_that_does_not_fit_v_is_not_a_weight_norm(tmp_path):
     assert [x for x in inspect_file(path).layers if x.kind == "WeightNorm"] == []
 
 
+def test_a_v_that_claims_more_values_than_the_file_holds_is_refused(cli, tmp_path):
+    # crafted: a 9-million-element v that is a stride-0 view of one stored value (what the file holds: 1)
+    path = tmp_path / "broadcast.pt"
+    torch.save({"conv.weight_g": torch.ones(3000, 1), "conv.weight_v": torch.zeros(1).expand(3000, 3000)}, path)
+    code, out, err = cli("inspect", path)
+    assert code == 2 and out == "" and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "claims 9000000 elements but the file holds 1" in err
+
+
 def test_cli_json_maps_g_to_weight_and_v_norms_to_direction_norm(cli, tmp_path):
     path = save(build("parametrize"), tmp_path, "safetensors")
     code, out, err = cli("inspect", path, "--json", "--fail-on", "warning")
