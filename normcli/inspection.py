@@ -108,10 +108,15 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwarg
                  key: str | None = None, thresholds: Thresholds | None = None,
                  unsafe_load: bool = False) -> InspectReport:
     """Inspect the norm layers of any file normcli reads. With ``arch``, kinds come from the built model."""
-    from normcli.formats import detect_format
+    from normcli.formats import open_checkpoint
 
     thresholds = thresholds or Thresholds()
-    fmt = detect_format(path)
+    with open_checkpoint(path) as ck:  # opened and recognised once; everything below reads through it
+        return _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load)
+
+
+def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -> InspectReport:
+    fmt = ck.format
     if fmt == "onnx":
         if arch is not None:
             raise NormcliError("--arch does not apply to ONNX files; drop it")
@@ -124,12 +129,12 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwarg
     if arch is not None or (unsafe_load and fmt in ("torchscript", "pt2")):
         from normcli.loading import load_model, module_tensor_file
 
-        loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, unsafe_load=unsafe_load, key=key)
+        loaded = load_model(ck, arch=arch, arch_kwargs=arch_kwargs, unsafe_load=unsafe_load, key=key)
         tf = module_tensor_file(loaded)
     else:
         from normcli.reader import read_tensors
 
-        tf = read_tensors(path, key=key)
+        tf = read_tensors(ck, key=key)
     layers = find_norm_layers(tf.tensors, tf.module_types, tf.module_eps)
     add_findings(layers, thresholds)
     notes = []

@@ -9,12 +9,10 @@ multi-GB checkpoint touches only the norm layers' few kilobytes.
 from __future__ import annotations
 
 import io
-import json
 import mmap
 import os
 import pickle
 import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from normcli.errors import NormcliError
-from normcli.formats import LEGACY_MAGIC, check_readable, detect_format, read_safetensors_header, zip_prefix
+from normcli.formats import LEGACY_MAGIC, CheckpointFile, open_checkpoint, read_safetensors_header
+from normcli.limits import DEFAULT_LIMITS, Limits
+from normcli.safe_json import load_json
 from normcli.safe_pickle import (LazyArray, Placeholder, SafeUnpickler, StorageRef, element_size,
                                  is_unsafe_global, storage_from_pid, _numpy_dtype)
 
@@ -59,22 +59,28 @@ class TensorFile:
     file_findings: list = field(default_factory=list)       # findings about the file itself (shards, trust)
 
 
-def read_tensors(path: str | os.PathLike, key: str | None = None) -> TensorFile:
-    """Read the state dict in ``path`` (any torch/safetensors format). ``key`` picks a nested entry."""
-    p = check_readable(path)
-    fmt = detect_format(p)
+def read_tensors(path: str | os.PathLike | CheckpointFile, key: str | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> TensorFile:
+    """Read the state dict in ``path`` (any torch/safetensors format). ``key`` picks a nested entry.
+
+    ``path`` may be a :class:`normcli.formats.CheckpointFile` already opened (and recognised) by the caller:
+    then nothing is opened again. The returned arrays read from that file's map when loaded.
+    """
+    ck = open_checkpoint(path, limits)
+    p = ck
+    fmt = ck.format
     try:
         if fmt == "safetensors":
             return _read_safetensors(p)
         if fmt == "pt2":
-            return _read_pt2(p)
+            return _read_pt2(p, limits)
         if fmt == "onnx":
             raise NormcliError(f"{p} is an ONNX model; it holds no PyTorch state dict "
                                "(normcli inspect reads it; swap and fuse-export need a PyTorch checkpoint)")
         if fmt == "torch-legacy":
             root, unpickler = _unpickle_legacy(p)
         else:
-            root, unpickler = _unpickle_zip(p)
+            root, unpickler = _unpickle_zip(p, limits)
     except NormcliError:
         raise
     except Exception as e:  # any failure to parse what the file claims means the file is damaged
@@ -101,12 +107,15 @@ def _plain_data(obj: Any, depth: int = 0) -> bool:
 # ----------------------------------------------------------------------------------------------- containers
 
 class _MappedFile:
-    """A read-only memory map of the whole file; arrays are views into it (pages read on first touch)."""
+    """A read-only memory map of the whole file; arrays are views into it (pages read on first touch).
 
-    def __init__(self, p: Path):
-        self.size = p.stat().st_size
-        with open(p, "rb") as f:
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    Built from an opened :class:`CheckpointFile` it shares that file's map; from a path it opens the file once.
+    """
+
+    def __init__(self, p: Path | CheckpointFile):
+        ck = p if isinstance(p, CheckpointFile) else CheckpointFile(p, detect=False)
+        self.size = ck.size
+        self.mm = ck.mm
 
     def array(self, offset: int, dtype: str, count: int) -> np.ndarray:
         nbytes = count * element_size(dtype)
@@ -115,53 +124,21 @@ class _MappedFile:
         return np.frombuffer(self.mm, dtype=_numpy_dtype(dtype), count=count, offset=offset)
 
 
-def _zip_entries(p: Path, z: zipfile.ZipFile, mf: _MappedFile) -> dict[str, tuple[int, int]]:
-    """name -> (data offset in the file, size) for entries stored uncompressed, as torch writes them."""
-    out = {}
-    for info in z.infolist():
-        if info.compress_type != zipfile.ZIP_STORED:
-            continue
-        off = info.header_offset
-        if off + 30 > mf.size:
-            raise NormcliError(f"{p}: zip entry {info.filename} lies outside the file; the file is truncated")
-        name_len, extra_len = struct.unpack("<HH", mf.mm[off + 26:off + 30])
-        start = off + 30 + name_len + extra_len
-        if start + info.file_size > mf.size:
-            raise NormcliError(f"{p}: zip entry {info.filename} lies outside the file; the file is truncated")
-        out[info.filename] = (start, info.file_size)
-    return out
-
-
-def _entry_reader(p: Path, z: zipfile.ZipFile, mf: _MappedFile, entries: dict, folder: str):
+def _entry_reader(p, z, folder: str):
+    """Storage reader over a checked archive: a map of stored entries, a capped inflate of compressed ones
+    (capped at the bytes the pickle's tensors need)."""
     def read(ref: StorageRef) -> np.ndarray:
-        name = f"{folder}{ref.key}"
-        if name in entries:
-            start, size = entries[name]
-            if ref.numel * element_size(ref.dtype) > size:
-                raise NormcliError(f"{p}: storage {ref.key} is shorter than its tensors say; the file is corrupt")
-            return mf.array(start, ref.dtype, ref.numel)
-        try:  # compressed entry (a re-zipped file): read it whole, bounded by what the pickle declared
-            with z.open(name) as f:
-                raw = f.read(ref.numel * element_size(ref.dtype))
-        except KeyError:
-            raise NormcliError(f"{p}: storage {ref.key} is missing from the archive; the file is corrupt") from None
-        if len(raw) < ref.numel * element_size(ref.dtype):
-            raise NormcliError(f"{p}: storage {ref.key} is shorter than its tensors say; the file is corrupt")
-        return np.frombuffer(raw, dtype=_numpy_dtype(ref.dtype), count=ref.numel)
+        nbytes = ref.numel * element_size(ref.dtype)
+        data = z.read_prefix(f"{folder}{ref.key}", nbytes, what=f"storage {ref.key!r}")
+        return np.frombuffer(data, dtype=_numpy_dtype(ref.dtype), count=ref.numel)
     return read
 
 
-def _unpickle_zip(p: Path) -> tuple[Any, SafeUnpickler]:
-    mf = _MappedFile(p)
-    z = zipfile.ZipFile(p)
-    names = z.namelist()
-    prefix = zip_prefix(names)
-    entries = _zip_entries(p, z, mf)
-    reader = _entry_reader(p, z, mf, entries, f"{prefix}data/")
-    with z.open(f"{prefix}data.pkl") as f:
-        if z.getinfo(f"{prefix}data.pkl").file_size > 512 * 1024 * 1024:
-            raise NormcliError(f"{p}: data.pkl is implausibly large; refusing to read it")
-        data = f.read()
+def _unpickle_zip(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, SafeUnpickler]:
+    z = p.archive
+    prefix = z.prefix
+    reader = _entry_reader(p, z, f"{prefix}data/")
+    data = z.read(f"{prefix}data.pkl", limits.max_record_bytes, "data.pkl")
     storages: dict[str, StorageRef] = {}
 
     def persistent_load(pid):
@@ -270,7 +247,7 @@ class _MMapReader(io.RawIOBase):
         return self.pos
 
 
-def _read_safetensors(p: Path) -> TensorFile:
+def _read_safetensors(p: Path | CheckpointFile) -> TensorFile:
     header, start = read_safetensors_header(p)
     mf = _MappedFile(p)
     data_size = mf.size - start
@@ -281,95 +258,141 @@ def _read_safetensors(p: Path) -> TensorFile:
             continue
         try:
             dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
+            shape = tuple(_count(s) for s in meta["shape"])
+            begin, end = (_count(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise NormcliError(f"{p}: safetensors entry {name!r} has a malformed or unsupported description") \
+            raise NormcliError(f"{p}: safetensors entry {_shown(name)} has a malformed or unsupported description "
+                               "(dtype, shape and data_offsets must be a known dtype and non-negative integers)") \
                 from None
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if any(s < 0 for s in shape) or not 0 <= begin <= end <= data_size or end - begin != numel * element_size(dtype):
-            raise NormcliError(f"{p}: safetensors entry {name!r} claims bytes {begin}..{end} that do not fit its "
-                               f"shape {list(shape)} or the file ({data_size} data bytes); the file is corrupt")
+        numel = _product(shape)
+        if not 0 <= begin <= end <= data_size or end - begin != numel * element_size(dtype):
+            raise NormcliError(f"{p}: safetensors entry {_shown(name)} claims bytes {begin}..{end} that do not fit "
+                               f"its shape {_shown(list(shape))} or the file ({data_size} data bytes); the file is "
+                               "corrupt")
         spans.append((begin, end, name))
         ref = StorageRef(name, dtype, numel, lambda r, off=start + begin: mf.array(off, r.dtype, r.numel))
         tensors[name] = LazyArray(ref, 0, shape, _contiguous_strides(shape), dtype)
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise NormcliError(f"{p}: safetensors entries {n0!r} and {n1!r} overlap; the file is corrupt")
+            raise NormcliError(f"{p}: safetensors entries {_shown(n0)} and {_shown(n1)} overlap; the file is corrupt")
     sd, stripped = _strip_wrapper_prefixes(tensors)
     return TensorFile(str(p), "safetensors", "safetensors", sd, stripped_prefixes=stripped)
 
 
-def _read_pt2(p: Path) -> TensorFile:
+# A dimension, stride, offset or byte count stored in a file: a JSON integer (not a float, not a bool), at
+# least 0 and below 2**62, so sums and products of a few of them stay exact and fit numpy's int64.
+_COUNT_MAX = 1 << 62
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < _COUNT_MAX:
+        raise ValueError("not a count")
+    return value
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _shown(value: Any, width: int = 80) -> str:
+    """A value from the file, for a message: repr (so control characters are escaped), shortened."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _pt2_tensor(p, fqn: str, meta: Any) -> tuple[str, str | None, tuple, tuple, int, bool]:
+    """(entry name, dtype or None if unsupported, shape, stride, storage offset, use_pickle) of one weight."""
+    try:
+        path_name = meta["path_name"]
+        tmeta = meta["tensor_meta"]
+        code = tmeta["dtype"]
+        if not isinstance(path_name, str) or type(code) is not int:
+            raise TypeError
+        shape = tuple(_count(s["as_int"]) for s in tmeta["sizes"])
+        stride = tuple(_count(s["as_int"]) for s in tmeta["strides"])
+        offset = _count(tmeta["storage_offset"]["as_int"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise NormcliError(f"{p}: weight {_shown(fqn)} has a malformed description in model_weights_config.json "
+                           "(sizes, strides and storage_offset must be non-negative integers); the file is corrupt") \
+            from None
+    if len(shape) != len(stride) or len(shape) > 64:
+        raise NormcliError(f"{p}: weight {_shown(fqn)} has {len(shape)} sizes and {len(stride)} strides; the file "
+                           "is corrupt")
+    return path_name, PT2_DTYPES.get(code), shape, stride, offset, bool(meta.get("use_pickle"))
+
+
+def _read_pt2(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> TensorFile:
     """A torch.export archive: weights are raw entries described by JSON; module classes by node metadata."""
-    mf = _MappedFile(p)
-    z = zipfile.ZipFile(p)
-    names = z.namelist()
-    prefix = zip_prefix(names)
-    entries = _zip_entries(p, z, mf)
+    z = p.archive
+    prefix = z.prefix
     cfg_name = f"{prefix}data/weights/model_weights_config.json"
-    if cfg_name not in names:
+    if cfg_name not in z:
         raise NormcliError(f"{p}: torch.export archive without a weights description; this archive version is "
                            "not supported")
-    config = json.loads(z.read(cfg_name)).get("config", {})
+    config = _pt2_json(p, z, cfg_name, limits)
+    config = config.get("config", {}) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise NormcliError(f"{p}: model_weights_config.json holds no weight table; the file is corrupt")
     tensors: dict[str, LazyArray] = {}
     unsafe: list[str] = []
     for fqn, meta in config.items():
-        entry = f"{prefix}data/weights/{meta['path_name']}"
-        tmeta = meta["tensor_meta"]
-        dtype = PT2_DTYPES.get(tmeta["dtype"])
+        path_name, dtype, shape, stride, offset, use_pickle = _pt2_tensor(p, fqn, meta)
         if dtype is None:
             continue
-        shape = tuple(int(s["as_int"]) for s in tmeta["sizes"])
-        stride = tuple(int(s["as_int"]) for s in tmeta["strides"])
-        offset = int(tmeta["storage_offset"]["as_int"])
-        if meta.get("use_pickle"):
+        entry = f"{prefix}data/weights/{path_name}"
+        if use_pickle:
             # a torch.save'd tensor inside the archive: read it with the same safe unpickler
-            inner = _read_inner_pickle(p, z, entry, prefix)
+            inner = _read_inner_pickle(p, z, entry, prefix, limits)
             tensors[fqn] = inner
             continue
-        if entry not in entries:
-            raise NormcliError(f"{p}: weight {fqn} is missing from the archive; the file is corrupt")
-        start, size = entries[entry]
-        count = size // element_size(dtype)
-        ref = StorageRef(entry, dtype, count, lambda r, off=start: mf.array(off, r.dtype, r.numel))
+        e = z.entry(entry, f"weight {_shown(fqn)}")
+        count = e.size // element_size(dtype)
+        numel = _product(shape)
+        last = offset + sum((s - 1) * st for s, st in zip(shape, stride)) if numel else -1
+        if numel and last >= count:
+            raise NormcliError(f"{p}: weight {_shown(fqn)} (shape {list(shape)}, strides {list(stride)}, offset "
+                               f"{offset}) reaches past the {e.size} bytes of {path_name}; the file is corrupt")
+        ref = StorageRef(entry, dtype, count, _entry_reader(p, z, ""))
         tensors[fqn] = LazyArray(ref, offset, shape, stride, dtype)
     module_types: dict[str, str] = {}
     model_json = f"{prefix}models/model.json"
-    if model_json in names:
-        module_types = _pt2_module_types(json.loads(z.read(model_json)))
-    if f"{prefix}data/sample_inputs/model.pt" in names:
-        unsafe = _pickle_globals(z.read(f"{prefix}data/sample_inputs/model.pt"))
+    if model_json in z:
+        module_types = _pt2_module_types(_pt2_json(p, z, model_json, limits))
+    sample_inputs = f"{prefix}data/sample_inputs/model.pt"
+    if sample_inputs in z:
+        inner = z.nested(sample_inputs, limits.max_record_bytes, "the sample inputs")
+        pkl = f"{inner.prefix}data.pkl"
+        unsafe = _pickle_globals(inner.read(pkl, limits.max_record_bytes, "the sample inputs' data.pkl")
+                                 if pkl in inner else b"")
     sd, stripped = _strip_wrapper_prefixes(tensors)
     return TensorFile(str(p), "pt2", "pt2", sd, module_types=module_types, stripped_prefixes=stripped,
                       unsafe_globals=unsafe)
 
 
-def _read_inner_pickle(p: Path, z: zipfile.ZipFile, entry: str, prefix: str) -> LazyArray:
-    raw = z.read(entry)
-    inner = zipfile.ZipFile(io.BytesIO(raw))
-    inner_prefix = zip_prefix(inner.namelist())
-    data = inner.read(f"{inner_prefix}data.pkl")
+def _pt2_json(p, z, name: str, limits: Limits) -> Any:
+    short = name.rsplit("/", 1)[-1]
+    data = z.read(name, limits.max_json_bytes, short, limit_name="max_json_bytes")
+    return load_json(data, f"{p}: {short}", limits)
 
-    def read(ref: StorageRef) -> np.ndarray:
-        blob = inner.read(f"{inner_prefix}data/{ref.key}")
-        return np.frombuffer(blob, dtype=_numpy_dtype(ref.dtype), count=ref.numel)
 
-    value = SafeUnpickler(io.BytesIO(data), lambda pid: storage_from_pid(pid, read)).load()
+def _read_inner_pickle(p, z, entry: str, prefix: str, limits: Limits = DEFAULT_LIMITS) -> LazyArray:
+    inner = z.nested(entry, limits.max_record_bytes)
+    data = inner.read(f"{inner.prefix}data.pkl", limits.max_record_bytes, f"{entry}'s data.pkl")
+    read = _entry_reader(p, inner, f"{inner.prefix}data/")
+    value, _unpickler = _checked_load(io.BytesIO(data), lambda pid: storage_from_pid(pid, read))
     if not isinstance(value, LazyArray):
         raise NormcliError(f"{p}: weight entry {entry} does not hold a tensor")
     return value
 
 
 def _pickle_globals(blob: bytes) -> list[str]:
-    """The globals a pickle (or a torch zip holding one) names, found by reading opcodes, never executing."""
+    """The globals a pickle names, found by reading opcodes, never executing."""
     import pickletools
 
-    if blob.startswith(b"PK"):
-        with zipfile.ZipFile(io.BytesIO(blob)) as z:
-            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
-            blob = z.read(pkl[0]) if pkl else b""
     found: list[str] = []
     strings: list[str] = []
     try:
@@ -385,18 +408,25 @@ def _pickle_globals(blob: bytes) -> list[str]:
     return [g for g in dict.fromkeys(found) if is_unsafe_global(g)]
 
 
-def _pt2_module_types(model: dict) -> dict[str, str]:
+def _pt2_module_types(model: Any) -> dict[str, str]:
+    """Module path -> class from the graph nodes' nn_module_stack; anything not shaped so is skipped (the
+    JSON's size and nesting were bounded when it was parsed, so this walk is linear in it)."""
     types: dict[str, str] = {}
-    nodes = model.get("graph_module", {}).get("graph", {}).get("nodes", [])
-    for node in nodes:
-        stack = (node.get("metadata") or {}).get("nn_module_stack", "")
-        for item in stack.split(";") if stack else []:
+    graph = _get(_get(model, "graph_module"), "graph")
+    nodes = _get(graph, "nodes")
+    for node in nodes if isinstance(nodes, list) else ():
+        stack = _get(_get(node, "metadata"), "nn_module_stack")
+        for item in stack.split(";") if isinstance(stack, str) else []:
             parts = item.split(",")
             if len(parts) >= 3:
                 path, cls = parts[1], parts[-1]
                 if path:
                     types.setdefault(_clean_module_path(path), cls)
     return types
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
 
 
 def _clean_module_path(path: str) -> str:
