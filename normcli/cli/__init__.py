@@ -120,4 +120,7 @@ def _cli_framework_exit(e: Exception) -> int | None:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """One line of an error message; names from the file in it cannot drive the terminal."""
+    from normcli.cli.common import safe_text
+
+    return safe_text(" ".join(text.split()))

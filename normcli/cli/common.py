@@ -17,6 +17,36 @@ err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
+def safe_text(text: Any) -> str:
+    """Text that came from a file (layer, node and entry names, messages quoting them), fit for a terminal.
+
+    Every character that is not printable -- C0/C1 control codes (so ANSI CSI and OSC escape sequences lose
+    their ESC and BEL), bidi overrides and other format characters, line and paragraph separators, spaces other
+    than ' ' -- is shown as a Python-style escape (``\\x1b``, ``\\u202e``). Printable text, accented and CJK
+    letters included, is unchanged. JSON output does not use this: it carries names exactly.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def cell(text: Any) -> str:
+    """:func:`safe_text`, then escaped for Rich markup: how every name from a file enters a table or line."""
+    from rich.markup import escape
+
+    return escape(safe_text(text))
+
+
 def jsonable(obj: Any) -> Any:
     """Turn library results into plain JSON values; NaN/Inf become the strings the contract names."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

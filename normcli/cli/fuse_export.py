@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
                                 err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
@@ -84,7 +84,11 @@ def fuse_export(
         from normcli.loading import load_model
         from normcli.parity import load_input_file
 
-        loaded = load_model(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), unsafe_load=unsafe_load)
+        from normcli.formats import open_checkpoint
+
+        # opened and recognised once; the loader reads through this descriptor
+        loaded = load_model(open_checkpoint(path), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                            unsafe_load=unsafe_load)
         tensors = [load_input_file(f) for f in input_file or []]
         if tensors and shapes:
             raise NormcliError("give either --input or --input-shape, not both")
@@ -142,7 +146,6 @@ def _num(x: float) -> str:
 
 
 def render(report) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     console = out_console
@@ -153,14 +156,14 @@ def render(report) -> None:
     console.print(f"folded {len(report.folded)} norm(s) by {method}, {len(report.unfolded)} left in place",
                   soft_wrap=True)
     if report.fold_note:
-        console.print(f"note: {report.fold_note}", style="dim", soft_wrap=True)
+        console.print(f"note: {cell(report.fold_note)}", style="dim", soft_wrap=True)
     for rows, columns in ((report.folded, ("norm", "into")), (report.unfolded, ("norm", "reason"))):
         if rows:
             table = Table(header_style="bold", box=None, pad_edge=False)
             table.add_column("folded norm" if columns[1] == "into" else "unfolded norm")
             table.add_column(columns[1])
             for row in rows:
-                table.add_row(*(escape(str(row[c])) for c in columns))
+                table.add_row(*(cell(row[c]) for c in columns))
             console.print(table)
     check = report.fold_check
     console.print(f"folded torch vs original torch: max abs {_num(check.max_abs)}, max rel {_num(check.max_rel)} "
@@ -175,16 +178,16 @@ def render(report) -> None:
     for col in ("output", "max abs", "max rel", "mean abs", "mismatched", ""):
         table.add_column(col, justify="left" if col in ("output", "") else "right")
     for o in parity.outputs:
-        verdict = "[green]ok[/]" if not (o.mismatched or o.problem) else f"[red]FAIL[/] {o.problem or ''}"
-        table.add_row(o.name, _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), f"{o.mismatched}/{o.elements}",
+        verdict = "[green]ok[/]" if not (o.mismatched or o.problem) else f"[red]FAIL[/] {cell(o.problem or '')}"
+        table.add_row(cell(o.name), _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), f"{o.mismatched}/{o.elements}",
                       verdict)
     console.print(table)
     console.print(f"ONNX: {report.onnx['nodes']} nodes, {report.onnx['batchnorm_nodes']} BatchNormalization; "
                   f"{report.exporter} exporter, opset {report.opset}", soft_wrap=True)
     if report.output:
-        console.print(f"wrote {report.output}" + ("" if parity.passed else " (parity failed; --keep-on-fail)"),
+        console.print(f"wrote {cell(report.output)}" + ("" if parity.passed else " (parity failed; --keep-on-fail)"),
                       soft_wrap=True)
     else:
         console.print("[red]nothing written[/]: parity failed (pass --keep-on-fail to write anyway)", soft_wrap=True)
     if report.save_fused:
-        console.print(f"wrote {report.save_fused} ({report.save_fused_format})", soft_wrap=True)
+        console.print(f"wrote {cell(report.save_fused)} ({report.save_fused_format})", soft_wrap=True)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
                                 jsonable, out_console, parse_arch_kwargs, print_json)
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -124,11 +124,10 @@ def sparkline(values, width: int = 16) -> str:
 
 
 def render(report, detail: list) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     console = out_console
-    title = escape(f"{report.path}  [{report.format}" + (f", weights under {report.state_dict_key!r}"
+    title = cell(f"{report.path}  [{report.format}" + (f", weights under {report.state_dict_key!r}"
                                                           if report.state_dict_key else "") + "]")
     table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False, box=None)
     for col, kw in (("layer", {}), ("kind", {}), ("C", {"justify": "right"}), ("tracked", {"justify": "right"}),
@@ -139,9 +138,9 @@ def render(report, detail: list) -> None:
         codes = []
         for f in x.findings:
             color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
-            codes.append(f"[{color}]{f.code}[/]")
+            codes.append(f"[{color}]{cell(f.code)}[/]")
         kind = x.kind + ("?" if x.inferred else "")
-        table.add_row(escape(x.name or "(root)"), escape(kind), str(x.num_features),
+        table.add_row(cell(x.name or "(root)"), cell(kind), str(x.num_features),
                       "-" if x.num_batches_tracked is None else str(x.num_batches_tracked),
                       _range(x.running_mean), _range(x.running_var),
                       sparkline(x.values.get("running_var")), _range(x.weight), _range(x.bias),
@@ -157,12 +156,12 @@ def render(report, detail: list) -> None:
     findings = [(x, f) for x in report.layers for f in x.findings]
     for x, f in findings:
         color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
-        console.print(f"[{color}]{f.severity:<7}[/] {escape(x.name)} [bold]{f.code}[/]: {escape(f.message)}",
+        console.print(f"[{color}]{f.severity:<7}[/] {cell(x.name)} [bold]{cell(f.code)}[/]: {cell(f.message)}",
                       soft_wrap=True)
     s = report.summary
     kinds = ", ".join(f"{k} {n}" for k, n in s["kinds"].items()) or "none"
     for note in report.notes:
-        console.print(f"note: {escape(note)}", style="dim")
+        console.print(f"note: {cell(note)}", style="dim")
     console.print(f"{s['layers']} norm layers ({kinds}); {s['error']} errors, {s['warning']} warnings, "
                   f"{s['info']} info" + ("; '?' marks kinds inferred from buffer names" if any(
                       x.inferred for x in report.layers) else ""))
@@ -172,9 +171,7 @@ def _render_channels(console, x) -> None:
     import numpy as np
     from rich.table import Table
 
-    from rich.markup import escape
-
-    table = Table(title=escape(f"{x.name} ({x.kind}, {x.num_features} channels)"), title_justify="left",
+    table = Table(title=cell(f"{x.name} ({x.kind}, {x.num_features} channels)"), title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     cols = [k for k in ("running_mean", "running_var", "weight", "bias", "direction_norm") if k in x.values]
     for col in ["ch", *cols, "scale", "flags"]:
@@ -191,6 +188,6 @@ def _render_channels(console, x) -> None:
     for c in range(x.num_features):
         row = [str(c)] + [_num(float(x.values[k][c])) for k in cols]
         row.append("-" if scale is None else _num(float(np.broadcast_to(scale, (x.num_features,))[c])))
-        row.append(" ".join(flags.get(c, [])))
+        row.append(cell(" ".join(flags.get(c, []))))
         table.add_row(*row)
     console.print(table)

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
                                 err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
 from normcli.swap import SWAP_TARGETS, resolve_options  # the registry itself imports no torch
@@ -70,7 +70,10 @@ def swap(
     options = {k: v for k, v in given.items() if k in SWAP_TARGETS[to].defaults}
     resolve_options(to, options)  # an impossible value fails here, before the model is loaded
 
-    loaded = load_model(path, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key)
+    from normcli.formats import open_checkpoint
+
+    # opened and recognised once; the loader reads through this descriptor
+    loaded = load_model(open_checkpoint(path), arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key)
     if isinstance(loaded.model, torch.jit.ScriptModule):
         raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
                            "--arch instead")
@@ -126,7 +129,6 @@ def _report_json(report, output: str | None) -> dict:
 
 
 def _render(report, output: str | None) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     console = out_console
@@ -135,15 +137,15 @@ def _render(report, output: str | None) -> None:
     for col in ("layer", "from", "to"):
         table.add_column(col)
     for r in report.replaced:
-        table.add_row(escape(r["name"]), r["from"], r["to"])
+        table.add_row(cell(r["name"]), cell(r["from"]), cell(r["to"]))
     console.print(table)
     for s in report.skipped:
-        console.print(f"[yellow]skipped[/] {escape(s['name'])}: {escape(s['reason'])}", soft_wrap=True)
+        console.print(f"[yellow]skipped[/] {cell(s['name'])}: {cell(s['reason'])}", soft_wrap=True)
     if report.absorbed_activations:
         console.print(f"absorbed activations ({len(report.absorbed_activations)}): "
-                      f"{escape(', '.join(report.absorbed_activations))}", soft_wrap=True)
+                      f"{cell(', '.join(report.absorbed_activations))}", soft_wrap=True)
     if report.centred_convs:
-        console.print(f"centred convs: {escape(', '.join(report.centred_convs))}", soft_wrap=True)
+        console.print(f"centred convs: {cell(', '.join(report.centred_convs))}", soft_wrap=True)
     console.print(f"parameters: {report.params_before:,} -> {report.params_after:,}")
     if report.eval_drift is not None:
         console.print(f"eval drift on probe inputs {report.input_shape}: max abs {report.eval_drift['max_abs']:.3g}, "
@@ -153,5 +155,5 @@ def _render(report, output: str | None) -> None:
         console.print(f"train check (forward + backward, batch {report.train_check.get('batch_size')}): "
                       + ("[green]gradients finite[/]" if ok else "[red]failed[/]"))
     for note in report.notes:
-        console.print(f"note: {escape(note)}", style="dim", soft_wrap=True)
-    console.print(f"wrote {escape(output)}" if output else "[red]nothing written[/]")
+        console.print(f"note: {cell(note)}", style="dim", soft_wrap=True)
+    console.print(f"wrote {cell(output)}" if output else "[red]nothing written[/]")
