@@ -299,9 +299,20 @@ def _product(shape: tuple[int, ...]) -> int:
 
 
 def _shown(value: Any, width: int = 80) -> str:
-    """A value from the file, for a message: repr (so control characters are escaped), shortened."""
-    text = repr(value)
+    """A value from the file, for a message: repr (so control characters are escaped), shortened; an int of
+    thousands of digits or a deeply nested key is described, not converted."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError, MemoryError):
+        return f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _key(value: Any) -> str:
+    """A dict key from the file, for a message: strings as they are, anything else through :func:`_shown`."""
+    return value[:80] if isinstance(value, str) else _shown(value)
 
 
 def _pt2_tensor(p, fqn: str, meta: Any) -> tuple[str, str | None, tuple, tuple, int, bool]:
@@ -496,7 +507,7 @@ def _from_key(p: Path, root: Any, container: str, key: str) -> TensorFile:
             obj = obj[part]
         else:
             raise NormcliError(f"{p}: no entry {key!r} in the checkpoint; top-level keys: "
-                               f"{', '.join(map(str, list(root)[:12])) if isinstance(root, dict) else '-'}")
+                               f"{', '.join(map(_key, list(root)[:12])) if isinstance(root, dict) else '-'}")
     if _is_module(obj):
         return _from_module(p, obj, container, key)
     if not _tensor_dict(obj):
@@ -592,7 +603,7 @@ def _strip_wrapper_prefixes(sd: dict[str, Any]) -> tuple[dict[str, Any], list[st
 
 def _describe(obj: Any) -> str:
     if isinstance(obj, dict):
-        return f"a dict with keys {', '.join(map(str, list(obj)[:8]))}" if obj else "an empty dict"
+        return f"a dict with keys {', '.join(map(_key, list(obj)[:8]))}" if obj else "an empty dict"
     if isinstance(obj, Placeholder):
         return f"an object of class {obj.qualname}"
     return f"a {type(obj).__name__}"

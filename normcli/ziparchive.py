@@ -229,6 +229,10 @@ class ZipArchive:
             n_total, cd_size, cd_offset = n_total64, cd_size64, cd_offset64
             cd_end_limit = z64_offset
         if cd_offset + cd_size != cd_end_limit:
+            between = bytes(buf[min(max(cd_offset + cd_size, 0), cd_end_limit):cd_end_limit])
+            if _SIG_EOCD in between or _SIG_ZIP64_EOCD in between:
+                raise self._fail("more than one end-of-directory record (a second archive appended, or a "
+                                 "second directory)")
             if cd_offset + cd_size < cd_end_limit:
                 raise self._fail(f"the end records say the central directory ends at {cd_offset + cd_size} but "
                                  f"they start at {cd_end_limit} (data prepended to the archive, or a second "
