@@ -305,14 +305,12 @@ class ZipArchive:
         z64 = [data for kind, data in blocks if kind == _ZIP64_EXTRA]
         if len(z64) > 1:
             raise self._fail(f"entry {name!r} has two zip64 extra fields")
+        # Only fields set to their 32/16-bit maximum come from the zip64 field (torch's writer also puts other
+        # values there in local headers: sizes next to zeros, its own offset; no reader uses them).
         wanted = [usize == _MAX32, csize == _MAX32] + ([] if local else [offset == _MAX32, disk == _MAX16])
-        if local and z64:  # a local zip64 field holds both sizes whenever it is present
-            wanted = [True, True]
         if not any(wanted):
             return usize, csize, offset, disk
         if not z64:
-            if local:
-                return usize, csize, offset, disk
             raise self._fail(f"entry {name!r} needs a zip64 extra field and has none")
         data, pos, values = z64[0], 0, [usize, csize, offset, disk]
         for i, need in enumerate(wanted):
