@@ -22,14 +22,14 @@ class Limits:
     # dict, a ResNet-152 full pickle) is tens of MB.
     max_record_bytes: int = 512 * 1024 * 1024
     # Compressed entries (torch writes none; a re-zipped file has them) may inflate, all together, to
-    # max_inflated_bytes + max_inflate_ratio x the file's size: a re-zipped 2 GB checkpoint (ratio ~1.1)
-    # reads, a bomb that inflates a few MB into GBs stops before allocating them.
-    max_inflated_bytes: int = 64 * 1024 * 1024
-    max_inflate_ratio: int = 8
+    # max_inflated_bytes + max_inflate_ratio x the file's size: a re-zipped 2 GB checkpoint (float weights
+    # deflate to ~0.9 of their size) reads, a bomb that inflates a few MB into GBs stops before allocating them.
+    max_inflated_bytes: int = 32 * 1024 * 1024
+    max_inflate_ratio: int = 4
     # JSON inside a .pt2 (model_weights_config.json, models/model.json): size, values (every object, array,
     # string, number) and nesting. A real export of a 17k-node graph stays under 2M values (~40 MB of JSON);
     # nesting is ~10 levels.
-    max_json_bytes: int = 128 * 1024 * 1024
+    max_json_bytes: int = 64 * 1024 * 1024
     max_json_nodes: int = 2_000_000
     max_json_depth: int = 200
 

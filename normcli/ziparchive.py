@@ -430,7 +430,7 @@ class ZipArchive:
             raise ZipError(f"{self.where}: entry {e.name!r} fails its CRC check; the file is corrupt")
         self._crc_checked.add(e.name)
 
-    def _inflate(self, e: ZipEntry, want: int, whole: bool) -> bytes:
+    def _inflate(self, e: ZipEntry, want: int, whole: bool) -> bytearray:
         """Inflate the first ``want`` bytes of a compressed entry; with ``whole``, also check that the stream
         ends exactly at the declared size and uses all of its compressed bytes."""
         self.budget.spend(want, self.where, e.name)
@@ -471,7 +471,7 @@ class ZipArchive:
         if whole and (src < src_end or stream.unused):
             raise ZipError(f"{label} has bytes after the end of its {METHOD_NAMES[e.method]} stream; the file "
                            "is corrupt")
-        return bytes(out)
+        return out  # a bytearray: copying it to bytes would double the peak
 
 
 class _Decompressor:
