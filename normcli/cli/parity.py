@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from normcli.cli.common import DebugOption, JsonOption, out_console, print_json
+from normcli.cli.common import DebugOption, JsonOption, out_console, print_json, safe_text
 
 # the library defaults (normcli.parity), repeated so that --help shows them without importing numpy
 DEFAULT_ATOL = 1e-4
@@ -78,9 +78,9 @@ def metrics_table(outputs) -> str:
     rows = [header]
     for o in outputs:
         verdict = "ok" if o.passed else (o.problem or f"FAIL ({o.mismatched}/{o.elements})")
-        rows.append([o.name, _e(o.max_abs), _e(o.max_rel), _e(o.mean_abs), _e(o.median_abs), _e(o.p99_abs),
+        rows.append([safe_text(o.name), _e(o.max_abs), _e(o.max_rel), _e(o.mean_abs), _e(o.median_abs), _e(o.p99_abs),
                      _f(o.cosine), _e(o.required_atol), _e(o.required_rtol),
-                     "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", verdict])
+                     "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", safe_text(verdict)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                      for r in rows)
