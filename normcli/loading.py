@@ -90,6 +90,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
                unsafe_load: bool = False, key: str | None = None) -> LoadedModel:
     """Load ``path`` as a module; see the module docstring for what is safe and what needs ``unsafe_load``."""
     fmt = detect_format(path)
+    if not unsafe_load:
+        refuse_code(path, fmt)
     if fmt == "onnx":
         raise NormcliError(f"{path} is an ONNX model; swap and fuse-export need a PyTorch checkpoint")
     if arch is None:
@@ -116,6 +118,22 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
     state_dict = _torch_state_dict(path, tf, unsafe_load)
     load_strict(model, state_dict, str(path), arch, tf.stripped_prefixes)
     return LoadedModel(model, tf.format, "state_dict", tf.state_dict_key, None, arch, dict(arch_kwargs or {}))
+
+
+def refuse_code(path, fmt: str) -> None:
+    """Stop before anything else is tried when the file's pickles name callables that run code (or cannot
+    be judged): the error lists them. Only ``--unsafe-load`` goes past this."""
+    if fmt in ("onnx", "safetensors"):
+        return
+    from normcli.trust import assess_path, describe_globals
+
+    result = assess_path(path)
+    if result.verdict == "unsafe":
+        raise NormcliError(f"{path} is unsafe: its pickles name callables that run code when loaded "
+                           f"({describe_globals(result, 'code')}); refusing to load it. Inspect it with "
+                           "normcli inspect (which never runs them); --unsafe-load would run them")
+    if result.verdict == "unreadable":
+        raise NormcliError(f"{path}: {result.reason}; the file is damaged or built to confuse readers")
 
 
 def _apply_swap(model, meta: dict, path):

@@ -15,6 +15,7 @@ from normcli._version import __version__
 from normcli.cli import fuse_export as fuse_export_cmd
 from normcli.cli import inspect as inspect_cmd
 from normcli.cli import parity as parity_cmd
+from normcli.cli import scan as scan_cmd
 from normcli.cli import swap as swap_cmd
 
 app = typer.Typer(
@@ -53,6 +54,7 @@ def _command(name: str, function) -> None:
 
 
 _command("inspect", inspect_cmd.inspect)
+_command("scan", scan_cmd.scan)
 _command("swap", swap_cmd.swap)
 _command("fuse-export", fuse_export_cmd.fuse_export)
 _command("parity", parity_cmd.parity)
