@@ -83,6 +83,16 @@ def looks_like_checkpoint(path: Path, include_pickles: bool = True) -> bool:
         return any(n.endswith(("data.pkl", "archive_format", "constants.pkl")) for n in names)
     if kind == "pickle":
         return include_pickles
+    if kind is None and include_pickles and head[:1] in (b"(", b"c", b"]", b"}", b"i"):
+        # a protocol 0/1 pickle has no signature: it counts when its opcodes parse and name a global
+        from normcli.trust import pickle_uses
+
+        try:
+            with open(path, "rb") as f:
+                uses, _problem = pickle_uses(f.read(16 * 1024 * 1024))
+        except OSError:
+            return False
+        return bool(uses)
     if kind == "onnx":
         return path.suffix.lower() == ".onnx" or _onnx_plausible(head)
     return kind is not None

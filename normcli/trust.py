@@ -456,7 +456,18 @@ def assess_path(path: str | Path) -> ScanResult:
             elif fmt == "safetensors":
                 _check_safetensors(f, p.stat().st_size)
             elif fmt is None:
-                raise Unreadable("not a checkpoint (no torch, safetensors, ONNX or pickle signature)")
+                # torch.load unpickles any non-zip file (its legacy path reads a pickle first), so a
+                # protocol 0/1 pickle without a signature is judged too
+                f.seek(0)
+                try:
+                    walk_pickle(f, uses)
+                except PickleProblem:
+                    if not uses:
+                        raise Unreadable("not a checkpoint (no torch, safetensors, ONNX or pickle "
+                                         "signature)") from None
+                    fmt = "pickle"
+                    raise _Problem(uses, "a damaged pickle") from None
+                fmt = "pickle"
     except Unreadable as e:
         return ScanResult(str(path), fmt if fmt != "zip" else None, "unreadable", [], str(e))
     except _Problem as e:
