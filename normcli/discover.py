@@ -120,9 +120,14 @@ def discover(paths: Iterable[str], include_pickles: bool = True) -> list[Target]
 
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except OSError:  # a path that cannot even be looked at: the reader reports it in its own row
+            add(Target(str(p)))
+            continue
+        if is_dir:
             _walk_directory(p, add, include_pickles)
-        elif p.exists() or not (_GLOB_CHARS & set(raw)):
+        elif exists or not (_GLOB_CHARS & set(raw)):
             add(Target(str(p)))
         else:
             matches = sorted(glob.glob(raw, recursive=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -53,7 +55,10 @@ def inspect(
                             tiny_direction_ratio=tiny_direction_ratio)
     targets = discover(paths, include_pickles=False)
     if not targets:
-        raise NormcliError(f"no checkpoint found in {', '.join(paths)}")
+        raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
+                           "recognised by content); give a checkpoint file or another directory"
+                           if len(paths) == 1 and os.path.isdir(paths[0])
+                           else f"no checkpoint found in {', '.join(paths)}")
     if len(paths) > 1 or len(targets) > 1 or targets[0].path != paths[0]:
         if layer:
             raise NormcliError("--layer shows one file's channels; give a single file with it")
@@ -131,7 +136,7 @@ def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Option
                             for v in ("safe", "needs-classes", "unsafe")}}
     if json_out:
         print_json({"files": [r.get("report", {"path": r.get("path"), "error": r.get("error")}) for r in results],
-                    "summary": summary})
+                    "summary": summary}, schema="inspect")
     else:
         render_many(results)
         out_console.print(f"{summary['files']} files: {summary['read']} read, {summary['unreadable']} unreadable; "

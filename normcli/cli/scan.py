@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import List, Optional
 
 import typer
@@ -45,16 +47,23 @@ def scan(
     fmt = fmt or ("json" if json_out else "table")
     targets = discover(paths, include_pickles=True)
     if not targets:
-        raise NormcliError(f"no checkpoint found in {', '.join(paths)}")
+        raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
+                           "recognised by content); give a checkpoint file or another directory"
+                           if len(paths) == 1 and os.path.isdir(paths[0])
+                           else f"no checkpoint found in {', '.join(paths)}")
     results = run_all(_assess, [t.path for t in targets], jobs, _crashed)
     if fmt == "json":
         from normcli.cli.common import print_json
 
-        print_json([r.as_json() for r in results])
+        print_json([r.as_json() for r in results], schema="scan")
     elif fmt == "sarif":
-        from normcli.cli.common import print_json
+        import json
+        import sys
 
-        print_json(sarif_log(results))
+        from normcli.cli.common import jsonable
+
+        # SARIF has its own (OASIS) schema; tests/test_scan.py checks the log against its required parts
+        sys.stdout.write(json.dumps(jsonable(sarif_log(results)), indent=2) + "\n")
     else:
         render(results)
     return exit_code(results, strict)
