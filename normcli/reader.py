@@ -88,6 +88,8 @@ def read_tensors(path: str | os.PathLike | CheckpointFile, key: str | None = Non
                            "it is truncated or corrupt") from None
     tf = _interpret(p, root, "torchscript" if fmt == "torchscript" else fmt, key)
     tf.unsafe_globals = unpickler.unsafe_globals
+    if not tf.globals:  # every global the unpickler was asked for (inspect classifies them with normcli.trust)
+        tf.globals = list(unpickler.globals_seen)
     if isinstance(root, dict) and isinstance(root.get("normcli_swap"), dict) and _plain_data(root["normcli_swap"]):
         tf.swap_options = root["normcli_swap"]
     return tf

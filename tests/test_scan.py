@@ -229,3 +229,21 @@ def test_swap_and_fuse_export_refuse_a_payload_with_its_names(run_normcli, evil,
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.onnx").exists()
     assert not marker.exists()
+
+
+def test_a_sharded_directory_is_one_row_with_the_worst_verdict(run_normcli, tmp_path, samples):
+    import torch
+
+    marker = tmp_path / "marker"
+    d = tmp_path / "sharded"
+    d.mkdir()
+    torch.save({"a.weight": torch.zeros(2)}, d / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b.weight": torch.zeros(2), "cfg": Reduce(os.system, (f"touch '{marker}'",))},
+               d / "pytorch_model-00002-of-00002.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a.weight": "pytorch_model-00001-of-00002.bin",
+                                        "b.weight": "pytorch_model-00002-of-00002.bin"}}))
+    proc = run_normcli("scan", "--json", tmp_path)
+    rows = json.loads(proc.stdout)
+    assert [(Path(r["path"]).name, r["format"], r["verdict"]) for r in rows] == [("sharded", "sharded", "unsafe")]
+    assert proc.returncode == 1 and not marker.exists()
