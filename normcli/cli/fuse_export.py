@@ -73,11 +73,6 @@ def fuse_export(
     if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise NormcliError(f"--atol and --rtol must not be negative (got {atol}, {rtol})")
     shapes = [parse_shape(s) for s in input_shape or []]
-    if not unsafe_load:  # a file whose pickles name code is refused, with the names, before any work
-        from normcli.formats import detect_format
-        from normcli.loading import refuse_code
-
-        refuse_code(path, detect_format(path))
     # refuse a clobbering or unwritable output before the slow work starts
     out_path = check_output_path(output, inputs=(path,), force=force)
     if save_fused is not None:

@@ -51,11 +51,6 @@ def swap(
     from normcli.atomic import atomic_output, check_output_path
     from normcli.errors import CheckFailed, NormcliError
 
-    if not unsafe_load:  # a file whose pickles name code is refused, with the names, before any work
-        from normcli.formats import detect_format
-        from normcli.loading import refuse_code
-
-        refuse_code(path, detect_format(path))
     out = check_output_path(output, inputs=(path,), force=force)
     shape = parse_shape(input_shape, "--input-shape") if input_shape else None
     kwargs = parse_arch_kwargs(arch_kwargs)
