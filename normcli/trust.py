@@ -153,8 +153,26 @@ def _in_code_module(module: str) -> bool:
     return any(".".join(parts[:i]) in CODE_MODULES for i in range(1, len(parts) + 1))
 
 
+def python3_name(name: str) -> str:
+    """The global a Python 3 unpickler really loads for ``name``: protocol 0-2 pickles may spell it the
+    Python 2 way (``__builtin__.eval``, ``commands.Popen`` -> ``subprocess.Popen``), which pickle maps back
+    (``fix_imports``). Classifying the written name alone would let a Python 2 spelling pass as a class."""
+    import _compat_pickle
+
+    module, _, last = name.rpartition(".")
+    if (module, last) in _compat_pickle.NAME_MAPPING:
+        module, last = _compat_pickle.NAME_MAPPING[(module, last)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{last}" if module else name
+
+
 def classify(name: str, uses: frozenset[str] | set[str] = frozenset()) -> Global:
     """Kind of the global ``module.qualname`` given how the pickle uses it (see the module docstring)."""
+    loaded = python3_name(name)
+    if loaded != name and loaded not in TENSOR_GLOBALS:
+        g = classify(loaded, uses)
+        return Global(name, g.kind, f"loads as {loaded}: {g.reason}")
     if name in TENSOR_GLOBALS:
         return Global(name, "tensor", "torch tensor data or a plain container")
     module, _, last = name.rpartition(".")

@@ -47,6 +47,9 @@ def test_torch_weights_only_defaults_are_tensor_but_nothing_more():
     ("mylib.Config", {"reduce"}, "class"),               # a class with its own __reduce__ (enums, configs)
     ("argparse.Namespace", {"newobj"}, "class"),         # standard-library data class on the list
     ("os.system", {"reduce"}, "code"),
+    ("commands.Popen", {"reduce"}, "code"),              # the Python 2 spelling pickle maps to subprocess.Popen
+    ("__builtin__.eval", {"reduce"}, "code"),
+    ("copy_reg._reconstructor", {"reduce"}, "code"),
     ("posix.system", {"value"}, "code"),
     ("builtins.eval", {"reduce"}, "code"),
     ("builtins.getattr", {"reduce"}, "code"),
