@@ -136,6 +136,16 @@ def test_a_dcp_directory_is_judged_from_its_metadata_pickle(tmp_path):
     r = assess_path(d)
     assert r.verdict == "safe", r
     assert "torch.distributed.checkpoint.metadata.Metadata" in {g.name for g in r.globals}
+    # a non-tensor value with a payload: DCP torch.saves it into a .distcp file, whose pickles are walked too
+    from tests.hostile_payloads import Reduce
+
+    marker = tmp_path / "marker"
+    e = tmp_path / "evil_ckpt"
+    dcp.save({"w": torch.ones(3), "cfg": Reduce(os.system, (f"touch '{marker}'",))}, checkpoint_id=str(e),
+             no_dist=True)
+    r = assess_path(e)
+    assert r.verdict == "unsafe" and any(g.name.endswith(".system") for g in r.globals), r
+    assert not marker.exists()
     # a .metadata with a payload makes the directory unsafe
     (d / ".metadata").write_bytes(b"cos\nsystem\n(Vtouch nothing\ntR.")
     assert assess_path(d).verdict == "unsafe"
