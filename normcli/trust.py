@@ -256,7 +256,31 @@ _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"}
 DYNAMIC = "<computed global>"
 
 
-def walk_pickle(stream, uses: dict[str, set[str]]) -> None:
+# Opcodes walked per file (all its pickles together). A ResNet-152 full pickle has about 100k and a state dict
+# about 20 per tensor; the walk costs 1-2 us per opcode, so this keeps any file to a few seconds.
+MAX_OPCODES = 2_000_000
+_EFFECTS: dict[str, tuple[bool, int, int]] = {}
+# What is left of the budget of the file being judged (reset by assess_path; one file at a time per process).
+_file_budget = [MAX_OPCODES]
+_SPECIAL = {"STOP", "PROTO", "FRAME", "MARK", "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ",
+            "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET",
+            "BINGET", "LONG_BINGET", "DUP", "POP", "POP_MARK", "APPEND", "APPENDS", "SETITEM", "SETITEMS",
+            "ADDITEMS", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+            "BINUNICODE8"}
+
+
+def _effect(op) -> tuple[bool, int, int]:
+    """(pops to a mark, items popped besides, items pushed) of a pickletools opcode."""
+    eff = _EFFECTS.get(op.name)
+    if eff is None:
+        names = [x.name for x in op.stack_before]
+        has_mark = "mark" in names
+        npop = len([n for n in names if n not in ("mark", "stackslice")])
+        eff = _EFFECTS[op.name] = (has_mark, npop, len(op.stack_after))
+    return eff
+
+
+def walk_pickle(stream, uses: dict[str, set[str]], budget: list[int] | None = None) -> None:
     """Walk one pickle from ``stream``'s position to its STOP, adding each global and its uses to ``uses``.
 
     Raises PickleProblem for a stream a real unpickler would stop on; what was named before that point is
@@ -267,6 +291,8 @@ def walk_pickle(stream, uses: dict[str, set[str]]) -> None:
     stack: list = []
     marks: list[int] = []
     memo: dict = {}
+    if budget is None:
+        budget = _file_budget
 
     def note(name: str, use: str) -> None:
         uses.setdefault(name, set()).add(use)
@@ -296,7 +322,20 @@ def walk_pickle(stream, uses: dict[str, set[str]]) -> None:
 
     try:
         for op, arg, _pos in pickletools.genops(stream):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise PickleProblem(f"more than {MAX_OPCODES} pickle opcodes in one file, far more than any "
+                                    "real checkpoint holds")
             name = op.name
+            if name not in _SPECIAL:  # most opcodes: pop what they consume, push plain values
+                has_mark, npop, npush = _effect(op)
+                if has_mark:
+                    pop_mark()
+                for _ in range(npop):
+                    pop()
+                for _ in range(npush):
+                    stack.append(_OTHER)
+                continue
             if name == "STOP":
                 return
             if name in ("PROTO", "FRAME"):
@@ -379,13 +418,13 @@ def walk_pickle(stream, uses: dict[str, set[str]]) -> None:
                 if not stack:
                     raise PickleProblem(f"{name} with nothing to modify")
             else:  # everything else: pop what the opcode consumes, push plain values
-                before = op.stack_before
-                if any(x.name == "mark" for x in before):
+                has_mark, npop, npush = _effect(op)
+                if has_mark:
                     pop_mark()
-                    before = [x for x in before if x.name not in ("mark", "stackslice")]
-                for _ in before:
+                for _ in range(npop):
                     pop()
-                stack.extend(_OTHER for _ in op.stack_after)
+                for _ in range(npush):
+                    stack.append(_OTHER)
     except PickleProblem:
         raise
     except Exception as e:  # pickletools' complaints: truncated data, unknown opcode, bad argument
@@ -453,6 +492,7 @@ def sniff(head: bytes) -> str | None:
 def assess_path(path: str | Path) -> ScanResult:
     """The verdict on the file at ``path`` from its pickles' opcodes alone (no tensor is built)."""
     p = Path(path)
+    _file_budget[0] = MAX_OPCODES
     fmt = None
     try:
         if p.is_dir():
@@ -516,8 +556,7 @@ def _walk_pickle_sequence(f, uses: dict[str, set[str]], fmt: str) -> None:
     """A legacy torch file (magic, protocol, sys info, the object, storage keys) or a plain pickle: up to
     five pickles back to back, as torch.load's legacy path reads them."""
     f.seek(0)
-    count = 5 if fmt == "torch-legacy" else 1
-    for i in range(count):
+    for i in range(5):
         try:
             walk_pickle(f, uses)
         except PickleProblem as e:
@@ -526,10 +565,8 @@ def _walk_pickle_sequence(f, uses: dict[str, set[str]], fmt: str) -> None:
             # torch.load reads a non-zip file as a sequence of pickles: judge the ones that follow too
             nxt = f.read(2)
             f.seek(-len(nxt), 1)
-            if len(nxt) == 2 and nxt[0] == 0x80 and 2 <= nxt[1] <= 5 and count < 5:
-                count += 1
-                continue
-            break
+            if not (len(nxt) == 2 and nxt[0] == 0x80 and 2 <= nxt[1] <= 5):
+                break
 
 
 def _check_safetensors(f, size: int) -> None:

@@ -183,3 +183,22 @@ def test_inspect_of_a_plain_state_dict_is_safe_with_no_file_findings(cli, sample
     report = json.loads(out)
     assert code == 0 and report["trust"]["verdict"] == "safe" and report["file_findings"] == []
     assert all(g["kind"] == "tensor" for g in report["trust"]["globals"])
+
+
+def test_the_opcode_budget_is_per_file_and_named(tmp_path, monkeypatch):
+    import normcli.trust as trust
+
+    monkeypatch.setattr(trust, "MAX_OPCODES", 1000)
+    small = tmp_path / "small.pkl"
+    small.write_bytes(b"\x80\x02" + b")0" * 400 + b"N.")        # 802 opcodes: within the budget
+    assert assess_path(small).verdict == "safe"
+    big = tmp_path / "big.pkl"
+    big.write_bytes(b"\x80\x02" + b")0" * 600 + b"N.")          # 1202 opcodes
+    r = assess_path(big)
+    assert r.verdict == "unreadable" and "1000 pickle opcodes" in r.reason
+    # the budget is for the whole file: pickles of 403 opcodes each, back to back as torch.load reads them
+    seq = tmp_path / "seq.pt"
+    seq.write_bytes((b"\x80\x02" + b")0" * 200 + b"N.") * 2)
+    assert assess_path(seq).verdict == "safe"
+    seq.write_bytes((b"\x80\x02" + b")0" * 200 + b"N.") * 3)
+    assert assess_path(seq).verdict == "unreadable"
