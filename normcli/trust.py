@@ -360,7 +360,6 @@ def walk_pickle(stream, uses: dict[str, set[str]], budget: list[int] | None = No
             elif name == "INST":
                 pop_mark()
                 stack.append(call(_G(str(arg).replace(" ", ".", 1)), "inst"))
-                note(str(arg).replace(" ", ".", 1), "inst")
             elif name == "OBJ":
                 items = pop_mark()
                 if not items:
@@ -405,7 +404,10 @@ def walk_pickle(stream, uses: dict[str, set[str]], budget: list[int] | None = No
                     raise PickleProblem("DUP with an empty stack")
                 stack.append(stack[-1])
             elif name == "POP":
-                pop()
+                if marks and len(stack) == marks[-1]:
+                    marks.pop()  # as pickle does: POP with nothing above the mark discards the mark
+                else:
+                    pop()
             elif name == "POP_MARK":
                 pop_mark()
             elif name in _IN_PLACE:

@@ -202,3 +202,10 @@ def test_the_opcode_budget_is_per_file_and_named(tmp_path, monkeypatch):
     assert assess_path(seq).verdict == "safe"
     seq.write_bytes((b"\x80\x02" + b")0" * 200 + b"N.") * 3)
     assert assess_path(seq).verdict == "unreadable"
+
+
+def test_pop_of_a_bare_mark_is_followed_as_pickle_does():
+    # MARK then POP discards the mark (pickle's rule); the call after it must still be seen
+    uses, problem = pickle_uses(b"\x80\x02(0cos\nsystem\n(Vx\ntR.")
+    assert problem is None and uses["os.system"] >= {"reduce"}
+    assert trust_from_uses(uses).verdict == "unsafe"
