@@ -438,7 +438,7 @@ def pickle_uses(data: bytes) -> tuple[dict[str, set[str]], str | None]:
     """Globals named by the one pickle in ``data`` with their uses, and the problem that stopped it, if any."""
     uses: dict[str, set[str]] = {}
     try:
-        walk_pickle(io.BytesIO(data), uses)
+        walk_pickle(io.BytesIO(data), uses, [MAX_OPCODES])
     except PickleProblem as e:
         return uses, str(e)
     return uses, None
