@@ -38,7 +38,6 @@ import json
 import re
 import struct
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -508,7 +507,7 @@ def assess_path(path: str | Path) -> ScanResult:
             if fmt == "zip":
                 found: list[str] = []
                 try:
-                    _walk_zip(f, uses, depth=0, where=p.name, found=found)
+                    _walk_zip(_open_zip(f, p), uses, depth=0, found=found)
                 finally:
                     fmt = found[0] if found else None
             elif fmt in ("torch-legacy", "pickle"):
@@ -584,65 +583,34 @@ def _check_safetensors(f, size: int) -> None:
         raise Unreadable("safetensors header is not a JSON object")
 
 
-def _zip_checks(z: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
-    """Refuse what a second zip reader could see differently (see THREAT_MODEL.md, Archives)."""
-    # The dedicated zip parser of the reader refuses more (local/central disagreements, overlaps, trailing
-    # data); these are the checks the scan needs to be sure it judges the same pickles torch would load.
-    infos = z.infolist()
-    if not infos:
-        raise Unreadable("an empty zip archive, not a checkpoint")
-    seen: set[str] = set()
-    for info in infos:
-        if info.filename in seen:
-            raise Unreadable(f"zip entry {info.filename!r} appears twice; readers disagree on which one counts")
-        seen.add(info.filename)
-        if info.flag_bits & 0x1:
-            raise Unreadable(f"zip entry {info.filename!r} is encrypted")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise Unreadable(f"zip entry {info.filename!r} uses compression method {info.compress_type}, "
-                             "which torch does not write")
-    if min(i.header_offset for i in infos) != 0:
-        raise Unreadable("data before the first zip entry; readers disagree on where the archive starts")
-    return infos
+def _open_zip(f, p: Path):
+    """A checked ZipArchive over a read-only map of the open file (the map lives as long as the archive)."""
+    import mmap
 
+    from normcli.errors import NormcliError
+    from normcli.ziparchive import ZipArchive
 
-def _read_entry(z: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
-    if info.file_size > cap:
-        raise Unreadable(f"zip entry {info.filename!r} declares {info.file_size} bytes, over the {cap}-byte cap "
-                         "for a pickle or code entry")
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        with z.open(info) as f:
-            data = f.read(cap + 1)
-    except zipfile.BadZipFile as e:   # CRC mismatch, local header disagreeing with the directory
-        raise Unreadable(f"zip entry {info.filename!r}: {e}") from None
-    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
-        raise Unreadable(f"zip entry {info.filename!r} cannot be read ({e})") from None
-    if len(data) > cap:
-        raise Unreadable(f"zip entry {info.filename!r} inflates past the {cap}-byte cap")
-    return data
+        return ZipArchive(mm, str(p))
+    except NormcliError as e:
+        raise Unreadable(" ".join(str(e).split())) from None
 
 
-def _walk_zip(f, uses: dict[str, set[str]], depth: int, where: str, found: list | None = None) -> str:
-    """Walk every pickle in a torch zip (and the zips nested in a .pt2); returns the format found."""
+def _walk_zip(z, uses: dict[str, set[str]], depth: int, found: list | None = None) -> str:
+    """Walk every pickle in a checked torch zip (normcli.ziparchive: an archive two readers could see
+    differently is refused there) and in the zips nested in a .pt2; returns the format found."""
+    from normcli.errors import NormcliError
+
     try:
-        z = zipfile.ZipFile(f)
-    except zipfile.BadZipFile as e:
-        raise Unreadable(f"a damaged zip archive ({e})") from None
-    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
-        raise Unreadable(f"cannot read the zip archive ({e})") from None
-    with z:
-        try:
-            infos = _zip_checks(z)
-        except Unreadable as e:
-            raise Unreadable(f"{where}: {e}" if depth else str(e)) from None
-        names = [i.filename for i in infos]
-        first = names[0]
-        prefix = first.split("/", 1)[0] + "/" if "/" in first else ""
-        nameset = set(names)
+        names = z.names
+        if not names:
+            raise Unreadable("an empty zip archive, not a checkpoint")
+        prefix = z.prefix
         fmt = None
-        if f"{prefix}archive_format" in nameset:
+        if f"{prefix}archive_format" in z:
             fmt = "pt2"
-        elif f"{prefix}constants.pkl" in nameset and any(n.startswith(f"{prefix}code/") for n in names):
+        elif f"{prefix}constants.pkl" in z and any(n.startswith(f"{prefix}code/") for n in names):
             fmt = "torchscript"
         elif any(n.endswith("data.pkl") for n in names):
             fmt = "torch-zip"
@@ -651,38 +619,26 @@ def _walk_zip(f, uses: dict[str, set[str]], depth: int, where: str, found: list 
                              "torch.export archive inside)")
         if found is not None:
             found.append(fmt)
-        for info in infos:
-            n = info.filename
+        for n in names:
             if n.endswith("/"):
                 continue
-            label = f"{where}:{n}" if depth else n
+            label = f"{z.where}:{n}" if depth else n
             if n.endswith(".pkl") or n.endswith(".debug_pkl"):
-                _walk_bytes(_read_entry(z, info, MAX_PICKLE_BYTES), uses, label)
+                _walk_bytes(z.read(n, MAX_PICKLE_BYTES, limit_name=""), uses, label)
             elif fmt == "torchscript" and "/code/" in f"/{n}" and n.endswith(".py"):
-                _script_refs(_read_entry(z, info, MAX_CODE_BYTES), uses)
+                _script_refs(z.read(n, MAX_CODE_BYTES, limit_name=""), uses)
             elif fmt == "pt2" and (n.endswith(".pt") or "/constants/" in n or "/sample_inputs/" in n):
-                _walk_pt2_member(z, info, uses, depth, label)
-        return fmt
-
-
-def _walk_pt2_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, uses: dict[str, set[str]], depth: int,
-                     label: str) -> None:
-    """A .pt2 member that torch.export.load unpickles: a torch.save zip or a raw pickle."""
-    try:
-        with z.open(info) as member:
-            head = member.read(4)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
-        raise Unreadable(f"zip entry {info.filename!r} cannot be read ({e})") from None
-    if head.startswith(b"PK"):
-        if depth + 1 >= MAX_NESTED_ZIP_DEPTH:
-            raise Unreadable(f"{label}: zip archives nested more than {MAX_NESTED_ZIP_DEPTH} deep")
-        if info.compress_type == zipfile.ZIP_STORED:
-            with z.open(info) as member:  # seekable: the nested zip is read in place, not copied
-                _walk_zip(member, uses, depth + 1, label)
-        else:
-            _walk_zip(io.BytesIO(_read_entry(z, info, MAX_PICKLE_BYTES)), uses, depth + 1, label)
-    elif head[:1] == b"\x80":
-        _walk_bytes(_read_entry(z, info, MAX_PICKLE_BYTES), uses, label)
+                entry = z.entry(n)
+                head = bytes(z.read_prefix(n, min(4, entry.size))) if entry.size else b""
+                if head.startswith(b"PK"):
+                    if depth + 1 >= MAX_NESTED_ZIP_DEPTH:
+                        raise Unreadable(f"{label}: zip archives nested more than {MAX_NESTED_ZIP_DEPTH} deep")
+                    _walk_zip(z.nested(n, MAX_PICKLE_BYTES), uses, depth + 1)
+                elif head[:1] == b"\x80":
+                    _walk_bytes(z.read(n, MAX_PICKLE_BYTES, limit_name=""), uses, label)
+    except NormcliError as e:  # the archive's checks and caps: unreadable, with the reason
+        raise Unreadable(" ".join(str(e).split())) from None
+    return fmt
 
 
 def _script_refs(code: bytes, uses: dict[str, set[str]]) -> None:
