@@ -128,7 +128,7 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwarg
 
 def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -> InspectReport:
     fmt = ck.format
-    trust = file_trust(path, fmt)
+    trust = file_trust(ck, fmt)
     if fmt == "onnx":
         if arch is not None:
             raise NormcliError("--arch does not apply to ONNX files; drop it")
@@ -161,19 +161,18 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -
 
 # -------------------------------------------------------------------------------------------------- trust
 
-def file_trust(path, fmt: str):
-    """The trust verdict from the file's pickles (normcli.trust); a file it cannot judge is refused here,
-    so that inspect never reports weights from bytes a second reader could see differently."""
-    from normcli.trust import Trust, assess_path
+def file_trust(ck, fmt: str):
+    """The trust verdict from the file's pickles (normcli.trust), read through the already opened file; a
+    file it cannot judge is refused here, so that inspect never reports weights from bytes a second reader
+    could see differently."""
+    from normcli.trust import Trust, assess_opened
 
-    if fmt in ("onnx", "safetensors"):
-        result = assess_path(path) if fmt == "safetensors" else None
-        if result is not None and result.verdict == "unreadable":
-            raise NormcliError(f"{path}: {result.reason}")
+    if fmt in ("onnx", "safetensors"):  # no pickles
         return Trust("safe", [])
-    result = assess_path(path)
+    result = assess_opened(ck)
     if result.verdict == "unreadable":
-        raise NormcliError(f"{path}: {result.reason}; the file is damaged or built to confuse readers")
+        reason = result.reason or "cannot be judged"
+        raise NormcliError(reason if reason.startswith(str(ck)) else f"{ck}: {reason}")
     return Trust(result.verdict, result.globals)
 
 

@@ -125,9 +125,11 @@ def refuse_code(path, fmt: str) -> None:
     be judged): the error lists them. Only ``--unsafe-load`` goes past this."""
     if fmt in ("onnx", "safetensors"):
         return
-    from normcli.trust import assess_path, describe_globals
+    from normcli.formats import CheckpointFile
+    from normcli.trust import assess_opened, assess_path, describe_globals
 
-    result = assess_path(path)
+    # through the caller's open file when it has one (no second open), else by name
+    result = assess_opened(path) if isinstance(path, CheckpointFile) else assess_path(path)
     if result.verdict == "unsafe":
         raise NormcliError(f"{path} is unsafe: its pickles name callables that run code when loaded "
                            f"({describe_globals(result, 'code')}); refusing to load it. Inspect it with "

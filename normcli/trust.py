@@ -446,8 +446,7 @@ def pickle_uses(data: bytes) -> tuple[dict[str, set[str]], str | None]:
 # --------------------------------------------------------------------------------------------- containers
 
 LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-# A pickle inside a checkpoint larger than this is refused: real ones are a few MB even for huge models.
-MAX_PICKLE_BYTES = 512 * 1024 * 1024
+# A pickle entry is read up to the reader's limit max_record_bytes (normcli.limits); code entries up to this.
 MAX_CODE_BYTES = 64 * 1024 * 1024
 MAX_NESTED_ZIP_DEPTH = 3
 _SCRIPT_REF = re.compile(rb"__torch__(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
@@ -488,6 +487,30 @@ def sniff(head: bytes) -> str | None:
     if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 20:
         return "onnx"
     return None
+
+
+def assess_opened(ck) -> ScanResult:
+    """The verdict on a :class:`normcli.formats.CheckpointFile` that is already open (inspect's), read through
+    its map and checked archive: the file is not opened a second time."""
+    _file_budget[0] = MAX_OPCODES
+    uses: dict[str, set[str]] = {}
+    fmt = ck.format
+    try:
+        if ck.archive is not None:
+            _walk_zip(ck.archive, uses, depth=0)
+        elif fmt == "torch-legacy":
+            stream = _MapReader(ck.mm, 0)
+            try:
+                _walk_pickle_sequence(stream, uses, fmt)
+            finally:
+                stream.mv.release()
+    except Unreadable as e:
+        return ScanResult(str(ck), fmt, "unreadable", [], str(e))
+    except _Problem as e:
+        trust = trust_from_uses(e.uses, e.reason)
+        return ScanResult(str(ck), fmt, trust.verdict, trust.globals, trust.reason)
+    trust = trust_from_uses(uses)
+    return ScanResult(str(ck), fmt, trust.verdict, trust.globals, None)
 
 
 def assess_path(path: str | Path) -> ScanResult:
@@ -624,7 +647,7 @@ def _walk_zip(z, uses: dict[str, set[str]], depth: int, found: list | None = Non
                 continue
             label = f"{z.where}:{n}" if depth else n
             if n.endswith(".pkl") or n.endswith(".debug_pkl"):
-                _walk_bytes(z.read(n, MAX_PICKLE_BYTES, limit_name=""), uses, label)
+                _walk_bytes(z.read(n, z.limits.max_record_bytes), uses, label)
             elif fmt == "torchscript" and "/code/" in f"/{n}" and n.endswith(".py"):
                 _script_refs(z.read(n, MAX_CODE_BYTES, limit_name=""), uses)
             elif fmt == "pt2" and (n.endswith(".pt") or "/constants/" in n or "/sample_inputs/" in n):
@@ -633,9 +656,9 @@ def _walk_zip(z, uses: dict[str, set[str]], depth: int, found: list | None = Non
                 if head.startswith(b"PK"):
                     if depth + 1 >= MAX_NESTED_ZIP_DEPTH:
                         raise Unreadable(f"{label}: zip archives nested more than {MAX_NESTED_ZIP_DEPTH} deep")
-                    _walk_zip(z.nested(n, MAX_PICKLE_BYTES), uses, depth + 1)
+                    _walk_zip(z.nested(n, z.limits.max_record_bytes), uses, depth + 1)
                 elif head[:1] == b"\x80":
-                    _walk_bytes(z.read(n, MAX_PICKLE_BYTES, limit_name=""), uses, label)
+                    _walk_bytes(z.read(n, z.limits.max_record_bytes), uses, label)
     except NormcliError as e:  # the archive's checks and caps: unreadable, with the reason
         raise Unreadable(" ".join(str(e).split())) from None
     return fmt
@@ -763,6 +786,10 @@ class _MapReader(io.RawIOBase):
         return self.read(end - self.pos)
 
     def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self.mv) + pos)
         return self.pos
 
 
