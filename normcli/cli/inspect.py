@@ -271,7 +271,7 @@ def render(report, detail: list) -> None:
     for x in report.layers:
         if x.kind == "WeightNorm":
             over = "all of v" if x.norm_dim is None else f"dim {x.norm_dim}"
-            console.print(f"{escape(x.name or '(root)')}: weight norm over {over}; g (weight) {_range(x.weight)}, "
+            console.print(f"{cell(x.name or '(root)')}: weight norm over {over}; g (weight) {_range(x.weight)}, "
                           f"||v|| per slice {_range(x.direction_norm)}", soft_wrap=True)
     for x in detail:
         _render_channels(console, x)
