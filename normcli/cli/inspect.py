@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
+                                UnsafeLoadOption, cell,
                                 jsonable, out_console, parse_arch_kwargs, print_json)
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -34,11 +35,13 @@ def inspect(
     tiny_direction_ratio: float = typer.Option(
         1e-3, "--tiny-direction-ratio",
         help="tiny-direction flags weight-norm slices with ||v|| < ratio * the layer's median ||v|| (or 0)."),
+    limit: Optional[List[str]] = LimitOption,
     debug: bool = DebugOption,
 ) -> None:
     """Show every norm layer's statistics and flag stale, non-finite, negative, tiny or overflowing values."""
     from normcli.errors import CheckFailed, NormcliError
     from normcli.inspection import Thresholds, fails, inspect_file, select_layers
+    from normcli.limits import parse_limits
 
     fail_on = fail_on.lower()
     if fail_on not in ("error", "warning", "never"):
@@ -46,7 +49,7 @@ def inspect(
     thresholds = Thresholds(eps=eps, tiny_var_ratio=tiny_var_ratio, dead_weight=dead_weight, fp16_max=fp16_max,
                             tiny_direction_ratio=tiny_direction_ratio)
     report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
-                          thresholds=thresholds, unsafe_load=unsafe_load)
+                          thresholds=thresholds, unsafe_load=unsafe_load, limits=parse_limits(limit))
     detail = select_layers(report.layers, layer) if layer else []
     if layer and not detail:
         names = ", ".join(x.name for x in report.layers[:5]) or "none found"
