@@ -112,11 +112,12 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwarg
     from normcli.limits import DEFAULT_LIMITS
 
     thresholds = thresholds or Thresholds()
-    with open_checkpoint(path, limits or DEFAULT_LIMITS) as ck:  # opened and recognised once; everything below reads through it
-        return _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load)
+    # opened and recognised once; everything below reads through it
+    with open_checkpoint(path, limits or DEFAULT_LIMITS) as ck:
+        return _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, limits)
 
 
-def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -> InspectReport:
+def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, limits=None) -> InspectReport:
     fmt = ck.format
     if fmt == "onnx":
         if arch is not None:
