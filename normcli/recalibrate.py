@@ -40,6 +40,7 @@ statistics as one process on all the batches; the file pipeline writes from rank
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import fnmatch
 import math
 import os
@@ -559,7 +560,7 @@ def read_layout(path: str | os.PathLike, key: str | None = None) -> CheckpointLa
     if fmt == "safetensors":
         if key is not None:
             raise NormcliError("--key does not apply to safetensors files, which hold one flat state dict")
-        header, _ = read_safetensors_header(path)
+        header, _ = read_safetensors_header(Path(path))
         tf = read_tensors(path)
         names = [k for k in header if k != "__metadata__"]
         stripped, _ = _strip_wrapper_prefixes({k: k for k in names})
