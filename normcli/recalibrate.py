@@ -10,10 +10,11 @@ statistics of that layer's input over all the samples seen:
 - ``num_batches_tracked`` = the number of batches used (all ranks together).
 
 Every value counts once (equal weight per sample, batches of any size); this is not the mean of per-batch
-variances that ``torch.optim.swa_utils.update_bn`` and momentum-based updates compute. Sums are accumulated
-in float64: each batch is reduced in chunks converted to float64 (centred on the chunk's own mean) and the
-chunks, batches and ranks are combined with Chan's parallel formula, so a large mean does not cancel the
-variance away.
+variances that ``torch.optim.swa_utils.update_bn`` and momentum-based updates compute. Each batch is reduced
+by torch's batch-statistics kernel (centred, accumulated in double on CPU), again around its mean where a
+channel's mean is large against its spread, and the batches (and ranks) are merged in float64 with Chan's
+parallel formula, so a large mean does not cancel the variance away and no float64 copy of an activation
+is made.
 
 What the layers see during the pass (``forward=``):
 
@@ -51,7 +52,10 @@ from typing import Any, Callable, Iterable
 from normcli.errors import NormcliError, describe
 
 FORWARD_MODES = ("batch", "running")
-CHUNK_ELEMENTS = 1 << 20    # values converted to float64 at a time (8 MiB)
+CHUNK_ELEMENTS = 1 << 20    # values shifted and reduced at a time (a 4 MiB float32 temporary)
+# a channel whose |mean| exceeds this many standard deviations is reduced again around its mean
+SHIFT_RATIO = 2.0
+SMALL_ELEMENTS = 1 << 16     # inputs up to this size are reduced in float64 directly (512 KiB)
 
 
 @dataclass
@@ -162,23 +166,39 @@ class _Moments:
 
 
 def batch_moments(x):
-    """``(n, mean, M2)`` per channel of ``x`` (N, C, *S) in float64, in chunks of at most CHUNK_ELEMENTS values
-    (a float64 copy of the whole activation would cost twice its size in memory)."""
+    """``(n, mean, M2)`` per channel of ``x`` (N, C, *S), returned in float64.
+
+    Small inputs are reduced in float64 outright. Larger ones go through torch's own batch-statistics kernel
+    (the one BatchNorm trains with), which for contiguous (N, C, *S) tensors centres and accumulates in double
+    on CPU (other layouts are made contiguous first: its channels-last path accumulates in float32). Its
+    float32 results are exact to float32 rounding, which is enough unless a channel's mean is large against
+    its spread: then the batch is reduced again, in chunks, shifted by that first mean, so the large mean
+    cannot cancel the variance away (chunks merged with Chan's formula).
+    """
     import torch
 
     channels = x.shape[1]
-    dims = [0] + list(range(2, x.dim()))
-    view = [1, channels] + [1] * (x.dim() - 2)
-    per_sample = max(x[0].numel(), 1) if x.shape[0] else 1
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    n = work.numel() // channels if channels else 0
+    if n == 0:
+        zeros = torch.zeros(channels, dtype=torch.float64)
+        return 0, zeros, zeros.clone()
+    if work.numel() <= SMALL_ELEMENTS or work.dim() == 2 or work.dtype == torch.float64:
+        dims = [0] + list(range(2, work.dim()))
+        var, mean = torch.var_mean(work.to(torch.float64), dims, correction=0)
+        return n, mean, var * n
+    work = work.contiguous()
+    mean, var = torch.batch_norm_update_stats(work, None, None, 0.0)
+    if not bool((mean.abs() > SHIFT_RATIO * var.sqrt()).any()):
+        return n, mean.to(torch.float64), var.to(torch.float64) * n
+    k = mean.view([1, channels] + [1] * (x.dim() - 2))
+    k64 = mean.to(torch.float64)
+    per_sample = max(work[0].numel(), 1)
     acc = _Moments(channels)
-    for chunk in x.split(max(1, CHUNK_ELEMENTS // per_sample)):
-        n = chunk.numel() // channels
-        if n == 0:
-            continue
-        d = chunk.to(torch.float64)
-        mean = d.mean(dims)
-        d -= mean.view(view)
-        acc.merge(n, mean, d.square_().sum(dims))
+    for chunk in work.split(max(1, CHUNK_ELEMENTS // per_sample)):
+        m, v = torch.batch_norm_update_stats(chunk - k, None, None, 0.0)
+        count = chunk.numel() // channels
+        acc.merge(count, m.to(torch.float64) + k64, v.to(torch.float64) * count)
     return acc.n, acc.mean, acc.m2
 
 
@@ -252,7 +272,9 @@ def _prepare(batch, dtype, index: int, where: str):
 
     def fix(t):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
+            # a sum is NaN/Inf when any value is (no temporaries); only then look closer, since a sum of
+            # finite values can also overflow
+            if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise NormcliError(f"batch {index} of {where} holds {bad} non-finite value(s) (NaN or Inf); "
                                    "clean the data before recalibrating")

@@ -157,7 +157,32 @@ def test_large_mean_does_not_cancel_the_variance():
     n, mean, m2 = batch_moments(x.float())
     ref = x.float().double()
     torch.testing.assert_close(m2 / (n - 1), ref.var(0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(mean, ref.mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(mean, ref.mean(0), rtol=0, atol=1e-6 * 1e-3)   # to a millionth of the std
+    # over many batches too: the shifts and Chan's merge keep it
+    from normcli.recalibrate import _Moments
+
+    acc = _Moments(3)
+    for part in x.float().split(100):
+        acc.add(part)
+    torch.testing.assert_close(acc.m2 / (acc.n - 1), ref.var(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(acc.mean, ref.mean(0), rtol=0, atol=1e-6 * 1e-3)
+
+
+@pytest.mark.parametrize("shape, channels_last", [((8, 4, 256, 256), False), ((8, 4, 256, 256), True),
+                                                  ((40000, 3), False), ((64, 3, 2000), False)])
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_batch_moments_of_large_activations_in_any_layout(shape, channels_last, offset):
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5 + offset
+    x = x64.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = x.double()
+    dims = [0] + list(range(2, x.dim()))
+    n, mean, m2 = batch_moments(x)
+    assert n == x.numel() // x.shape[1]
+    torch.testing.assert_close(m2 / n, ref.var(dims, correction=0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean, ref.mean(dims), rtol=0, atol=1e-6 * 0.5)
 
 
 def test_parameters_and_other_buffers_are_bit_identical_and_the_input_model_untouched():

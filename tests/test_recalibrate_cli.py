@@ -278,3 +278,13 @@ def test_torchrun_two_gloo_ranks_equal_one_process(samples, data_npy, tmp_path):
             assert torch.equal(a[k], b[k]), k
     assert changed == 22
     assert not list(tmp_path.glob(".multi.ckpt*"))
+
+
+def test_readme_swa_table_is_the_committed_run():
+    readme = (ROOT / "README.md").read_text()
+    committed = (ROOT / "examples" / "recalibrate_swa.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and ("SWA" in line or "last SGD" in line)]
+    assert len(rows) == 4
+    for row in rows:
+        assert row in committed.splitlines(), row
+    assert (ROOT / "examples" / "recalibrate_swa.png").stat().st_size > 1000

@@ -146,7 +146,7 @@ class _Progress:
             err_console.file.write("\r" + line)
             err_console.file.flush()
         else:
-            err_console.print(line)
+            err_console.print(line, soft_wrap=True)
 
     def done(self, report) -> None:
         if self.tty and self.last:
@@ -154,7 +154,7 @@ class _Progress:
         rate = report.samples / report.seconds if report.seconds > 0 else 0.0
         ranks = f" on {report.world_size} ranks" if report.world_size > 1 else ""
         err_console.print(f"recalibrated {len(report.layers)} norm layers from {report.batches} batches, "
-                          f"{report.samples} samples{ranks} in {report.seconds:.1f} s ({rate:.1f} samples/s)")
+                          f"{report.samples} samples{ranks} in {report.seconds:.1f} s ({rate:.1f} samples/s)", soft_wrap=True)
 
 
 def report_json(report) -> dict:
