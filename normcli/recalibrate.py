@@ -363,7 +363,7 @@ def recalibrate(model, batches: Iterable, *, include: list[str] | None = None, e
     findings_before = _findings(model, {n for n, _, _ in norms})
     before = {name: _snapshot(m) for name, m, _ in norms}
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     moments = {name: _Moments(m.num_features) for name, m, _ in norms}
     stream = iter(batches)
@@ -453,7 +453,8 @@ def recalibrate(model, batches: Iterable, *, include: list[str] | None = None, e
 
     with torch.no_grad():
         after_out = _outputs(_run(call, model, held_out, 0, source_name))
-    model.train(was_training)
+    for m, mode in modes.items():
+        m.training = mode
     report = RecalibrationReport(
         output=None, samples=n_samples, batches=n_batches, layers=layers,
         findings_before=findings_before, findings_after=_findings(model, {n for n, _, _ in norms}),
@@ -712,12 +713,15 @@ def recalibrate_file(path: str | os.PathLike, data: str, output: str | os.PathLi
     layout.replace(updates)
     report.notes += source.notes
     rank, world = _dist_info()
+    error = None
     if rank == 0:
-        with atomic_output(out) as tmp:
-            layout.write(tmp)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+        try:
+            with atomic_output(out) as tmp:
+                layout.write(tmp)
+        except NormcliError as e:
+            error = e
+        except Exception as e:
+            error = NormcliError(f"writing {out} failed ({describe(e)}); nothing was written")
+    _agree(error, rank, world)   # the other ranks learn whether rank 0 wrote the file
     report.output = str(out)
     return report
