@@ -307,23 +307,27 @@ def _arrays_from_root(root, path: Path) -> dict[str, Any]:
                        "with torch.save(tensor) or torch.save({'name': tensor, ...})")
 
 
-def read_torch_pickle(path: str | os.PathLike):
+def read_torch_pickle(path):
     """What a torch.save'd file holds, read with normcli's safe unpickler: plain containers, LazyArray tensors,
-    inert placeholders for anything else. Returns ``(root, container, globals named by its pickle)``."""
+    inert placeholders for anything else. ``path`` may be an opened :class:`normcli.formats.CheckpointFile`
+    (then nothing is opened again). Returns ``(root, container, globals named by its pickle)``."""
     from normcli import reader
-    from normcli.formats import check_readable, detect_format
+    from normcli.formats import open_checkpoint
 
-    p = check_readable(path)
-    fmt = detect_format(p)
-    if fmt == "torch-legacy":
-        root, unpickler = reader._unpickle_legacy(p)
-        container = "torch-legacy"
-    elif fmt in ("torch-zip", "state-dict", "checkpoint", "full-pickle"):
-        root, unpickler = reader._unpickle_zip(p)
-        container = "torch-zip"
-    else:
-        raise NormcliError(f"{p} is a {fmt} file, not a file written by torch.save")
-    return root, container, list(unpickler.globals_seen)
+    ck = open_checkpoint(path)
+    fmt = ck.format
+    try:
+        if fmt == "torch-legacy":
+            root, unpickler = reader._unpickle_legacy(ck)
+        elif fmt == "torch-zip":
+            root, unpickler = reader._unpickle_zip(ck)
+        else:
+            raise NormcliError(f"{ck} is a {fmt} file, not a file written by torch.save")
+    except NormcliError:
+        raise
+    except Exception as e:
+        raise NormcliError(f"{ck}: cannot read the {fmt} file ({describe(e)}); it is truncated or corrupt") from None
+    return root, fmt, list(unpickler.globals_seen)
 
 
 def _array_source(spec: str, files: list[Path], batch_size: int, notes: list[str]) -> DataSource:

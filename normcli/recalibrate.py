@@ -41,7 +41,6 @@ statistics as one process on all the batches; the file pipeline writes from rank
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import fnmatch
 import math
 import os
@@ -576,14 +575,15 @@ class CheckpointLayout:
 
 def read_layout(path: str | os.PathLike, key: str | None = None) -> CheckpointLayout:
     """Read ``path`` with the safe reader into torch containers, refusing what cannot be written back as it was."""
-    from normcli.formats import detect_format, read_safetensors_header
+    from normcli.formats import open_checkpoint, read_safetensors_header
     from normcli.reader import _strip_wrapper_prefixes, read_tensors
 
-    fmt = detect_format(path)
+    path = open_checkpoint(path)    # opened once; every read below goes through it
+    fmt = path.format
     if fmt == "safetensors":
         if key is not None:
             raise NormcliError("--key does not apply to safetensors files, which hold one flat state dict")
-        header, _ = read_safetensors_header(Path(path))
+        header, _ = read_safetensors_header(path)
         tf = read_tensors(path)
         names = [k for k in header if k != "__metadata__"]
         stripped, _ = _strip_wrapper_prefixes({k: k for k in names})
@@ -695,11 +695,14 @@ def recalibrate_file(path: str | os.PathLike, data: str, output: str | os.PathLi
     from normcli.data import import_callable, open_source
     from normcli.loading import load_model
 
+    from normcli.formats import open_checkpoint
+
     out = check_output_path(output, inputs=(path,), force=force)
-    layout = read_layout(path, key)
+    checkpoint = open_checkpoint(path)
+    layout = read_layout(checkpoint, key)
     source = open_source(data, batch_size=batch_size, resize=resize, mean=mean, std=std)
     call_fn = import_callable(call, "--call") if call else None
-    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, key=key)
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, key=key)
     model, report = recalibrate(loaded.model, source.batches(), include=include, exclude=exclude, call=call_fn,
                                 forward=forward, max_batches=batches, source_name=str(data), progress=progress,
                                 inplace=True)
