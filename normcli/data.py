@@ -318,9 +318,9 @@ def read_torch_pickle(path):
     fmt = ck.format
     try:
         if fmt == "torch-legacy":
-            root, unpickler = reader._unpickle_legacy(ck)
+            root, unpickler, _ = reader._unpickle_legacy(ck)
         elif fmt == "torch-zip":
-            root, unpickler = reader._unpickle_zip(ck)
+            root, unpickler, _ = reader._unpickle_zip(ck)
         else:
             raise NormcliError(f"{ck} is a {fmt} file, not a file written by torch.save")
     except NormcliError:
