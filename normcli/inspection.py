@@ -17,6 +17,8 @@ from normcli.errors import NormcliError
 
 SEVERITIES = ("error", "warning", "info")
 FINDING_SEVERITY = {
+    "unsafe-globals": "error",
+    "needs-classes": "info",
     "non-finite": "error",
     "negative-var": "error",
     "stale-stats": "error",
@@ -92,16 +94,25 @@ class InspectReport:
     file_findings: list[Finding] = field(default_factory=list)  # about the file, not a layer (trust, shards)
     trust: dict | None = None           # {"verdict": ..., "globals": [{"name", "kind"}]} (normcli/schemas/inspect.schema.json)
 
+    def all_findings(self) -> list[Finding]:
+        """The file's own findings, then every layer's."""
+        return [*self.file_findings, *(f for layer in self.layers for f in layer.findings)]
+
     @property
     def summary(self) -> dict[str, Any]:
         kinds = Counter(layer.kind for layer in self.layers)
-        sev = Counter(f.severity for layer in self.layers for f in layer.findings)
+        sev = Counter(f.severity for f in self.all_findings())
         return {"layers": len(self.layers), "kinds": dict(sorted(kinds.items())),
                 **{s: sev.get(s, 0) for s in SEVERITIES}}
 
     def worst_severity(self) -> str | None:
-        present = {f.severity for layer in self.layers for f in layer.findings}
+        present = {f.severity for f in self.all_findings()}
         return next((s for s in SEVERITIES if s in present), None)
+
+    def worst_finding(self) -> Finding | None:
+        """The first finding of the highest severity present (file findings first)."""
+        worst = self.worst_severity()
+        return next((f for f in self.all_findings() if f.severity == worst), None)
 
 
 def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
@@ -119,6 +130,7 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwarg
 
 def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, limits=None) -> InspectReport:
     fmt = ck.format
+    trust = file_trust(ck, fmt)
     if fmt == "onnx":
         if arch is not None:
             raise NormcliError("--arch does not apply to ONNX files; drop it")
@@ -127,7 +139,7 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, l
         layers = read_onnx_norms(path)
         for layer in layers:
             layer.findings = layer_findings(layer, thresholds)
-        return InspectReport(str(path), "onnx", layers)
+        return InspectReport(str(path), "onnx", layers, trust=trust.as_json())
     if arch is not None or (unsafe_load and fmt in ("torchscript", "pt2")):
         from normcli.loading import load_model, module_tensor_file
 
@@ -145,7 +157,56 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, l
         notes.append("removed key prefixes " + ", ".join(repr(s) for s in tf.stripped_prefixes))
     if tf.other_state_dicts:
         notes.append("also holds " + ", ".join(tf.other_state_dicts) + " (choose with --key)")
-    return InspectReport(str(path), tf.format, layers, state_dict_key=tf.state_dict_key, notes=notes)
+    trust = merge_reader_globals(trust, tf.globals)
+    return InspectReport(str(path), tf.format, layers, state_dict_key=tf.state_dict_key, notes=notes,
+                         file_findings=[*trust_findings(trust), *tf.file_findings], trust=trust.as_json())
+
+
+# -------------------------------------------------------------------------------------------------- trust
+
+def file_trust(ck, fmt: str):
+    """The trust verdict from the file's pickles (normcli.trust), read through the already opened file; a
+    file it cannot judge is refused here, so that inspect never reports weights from bytes a second reader
+    could see differently."""
+    from normcli.trust import Trust, assess_opened
+
+    if fmt in ("onnx", "safetensors"):  # no pickles
+        return Trust("safe", [])
+    result = assess_opened(ck)
+    if result.verdict == "unreadable":
+        reason = result.reason or "cannot be judged"
+        raise NormcliError(reason if reason.startswith(str(ck)) else f"{ck}: {reason}")
+    return Trust(result.verdict, result.globals)
+
+
+def merge_reader_globals(trust, names: list[str]):
+    """Add the globals the reader saw that the opcode walk did not (classified by name alone)."""
+    from normcli.trust import Trust, classify, verdict_of
+
+    known = {g.name for g in trust.globals}
+    extra = [classify(n) for n in dict.fromkeys(names) if n not in known]
+    if not extra:
+        return trust
+    merged = [*trust.globals, *extra]
+    return Trust(verdict_of(merged), merged)
+
+
+def trust_findings(trust) -> list[Finding]:
+    """``unsafe-globals`` (error) naming the callables, or ``needs-classes`` (info) naming the classes."""
+    code, classes = trust.names("code"), trust.names("class")
+    out = []
+    if code:
+        out.append(Finding("unsafe-globals", "error", "the file's pickles name callables that run code under "
+                           f"torch.load(weights_only=False): {_list_names(code)}; never load it with a full "
+                           "unpickler (normcli read only its tensors)"))
+    if classes:
+        out.append(Finding("needs-classes", "info", "loading the full model imports and constructs "
+                           f"{_list_names(classes)}; use --unsafe-load only if you trust that code"))
+    return out
+
+
+def _list_names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ------------------------------------------------------------------------------------------ layer discovery

@@ -23,6 +23,7 @@ from typing import Any
 
 from normcli.errors import NormcliError, describe
 from normcli.reader import TensorFile, read_tensors
+from normcli.formats import detect_format
 
 LIVE_FORMATS = ("full-pickle", "torchscript", "pt2")
 
@@ -97,6 +98,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
     The file is recognised and read once, by :func:`normcli.reader.read_tensors`; with ``arch`` its tensors are
     materialised from those checked bytes. Only ``unsafe_load`` without ``arch`` hands the file to torch.
     """
+    if not unsafe_load:
+        refuse_code(path, getattr(path, "format", None) or detect_format(path))
     tf = read_tensors(path, key=key, limits=limits)
     if arch is None:
         if unsafe_load:
@@ -189,6 +192,24 @@ def check_swap_options(meta, path) -> dict:
     except NormcliError as e:
         raise refuse("options", f"is refused: {e}") from None
     return meta
+
+
+def refuse_code(path, fmt: str) -> None:
+    """Stop before anything else is tried when the file's pickles name callables that run code (or cannot
+    be judged): the error lists them. Only ``--unsafe-load`` goes past this."""
+    if fmt in ("onnx", "safetensors"):
+        return
+    from normcli.formats import CheckpointFile
+    from normcli.trust import assess_opened, assess_path, describe_globals
+
+    # through the caller's open file when it has one (no second open), else by name
+    result = assess_opened(path) if isinstance(path, CheckpointFile) else assess_path(path)
+    if result.verdict == "unsafe":
+        raise NormcliError(f"{path} is unsafe: its pickles name callables that run code when loaded "
+                           f"({describe_globals(result, 'code')}); refusing to load it. Inspect it with "
+                           "normcli inspect (which never runs them); --unsafe-load would run them")
+    if result.verdict == "unreadable":
+        raise NormcliError(f"{path}: {result.reason}; the file is damaged or built to confuse readers")
 
 
 def _apply_swap(model, meta: dict, path):

@@ -16,6 +16,7 @@ from normcli.cli import fuse_export as fuse_export_cmd
 from normcli.cli import inspect as inspect_cmd
 from normcli.cli import parity as parity_cmd
 from normcli.cli import recalibrate as recalibrate_cmd
+from normcli.cli import scan as scan_cmd
 from normcli.cli import swap as swap_cmd
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ def _command(name: str, function) -> None:
 
 
 _command("inspect", inspect_cmd.inspect)
+_command("scan", scan_cmd.scan)
 _command("swap", swap_cmd.swap)
 _command("fuse-export", fuse_export_cmd.fuse_export)
 _command("parity", parity_cmd.parity)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import math
+from dataclasses import dataclass
 from typing import List, Optional
 
 import typer
@@ -15,7 +18,9 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def inspect(
-    path: str = typer.Argument(..., help="Checkpoint to read (.pt/.pth/.ckpt/.safetensors/TorchScript/.pt2/.onnx)."),
+    paths: List[str] = typer.Argument(..., metavar="PATH...",
+                                      help="Checkpoints (.pt/.pth/.ckpt/.safetensors/TorchScript/.pt2/.onnx), "
+                                           "directories (searched recursively) or globs."),
     arch: Optional[str] = ArchOption,
     arch_kwargs: Optional[str] = ArchKwargsOption,
     layer: Optional[str] = typer.Option(None, "--layer", metavar="GLOB",
@@ -36,9 +41,12 @@ def inspect(
         1e-3, "--tiny-direction-ratio",
         help="tiny-direction flags weight-norm slices with ||v|| < ratio * the layer's median ||v|| (or 0)."),
     limit: Optional[List[str]] = LimitOption,
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
+                                       help="Worker processes for several files (default: the number of cores)."),
     debug: bool = DebugOption,
 ) -> None:
     """Show every norm layer's statistics and flag stale, non-finite, negative, tiny or overflowing values."""
+    from normcli.discover import discover
     from normcli.errors import CheckFailed, NormcliError
     from normcli.inspection import Thresholds, fails, inspect_file, select_layers
     from normcli.limits import parse_limits
@@ -48,6 +56,18 @@ def inspect(
         raise NormcliError(f"--fail-on must be error, warning or never, not {fail_on!r}")
     thresholds = Thresholds(eps=eps, tiny_var_ratio=tiny_var_ratio, dead_weight=dead_weight, fp16_max=fp16_max,
                             tiny_direction_ratio=tiny_direction_ratio)
+    targets = discover(paths, include_pickles=False)
+    if not targets:
+        raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
+                           "recognised by content); give a checkpoint file or another directory"
+                           if len(paths) == 1 and os.path.isdir(paths[0])
+                           else f"no checkpoint found in {', '.join(paths)}")
+    if len(paths) > 1 or len(targets) > 1 or targets[0].path != paths[0]:
+        if layer:
+            raise NormcliError("--layer shows one file's channels; give a single file with it")
+        job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load)
+        return _inspect_many(targets, job, json_out, fail_on, jobs)
+    path = paths[0]
     report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
                           thresholds=thresholds, unsafe_load=unsafe_load, limits=parse_limits(limit))
     detail = select_layers(report.layers, layer) if layer else []
@@ -62,6 +82,105 @@ def inspect(
         s = report.summary
         raise CheckFailed(f"{s['error']} error and {s['warning']} warning findings in {path} "
                           f"(--fail-on {fail_on})")
+
+
+# ------------------------------------------------------------------------------------------- many files
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs to inspect one file (picklable: it crosses to worker processes)."""
+
+    arch: Optional[str]
+    arch_kwargs: Optional[str]
+    key: Optional[str]
+    thresholds: object
+    unsafe_load: bool
+
+    def __call__(self, path: str) -> dict:
+        from normcli.errors import NormcliError
+        from normcli.inspection import inspect_file
+
+        try:
+            report = inspect_file(path, arch=self.arch, arch_kwargs=parse_arch_kwargs(self.arch_kwargs),
+                                  key=self.key, thresholds=self.thresholds, unsafe_load=self.unsafe_load)
+        except NormcliError as e:
+            return {"path": path, "error": " ".join(str(e).split())}
+        except Exception as e:  # one bad file must not hide the others' results
+            return {"path": path, "error": f"unexpected {type(e).__name__}: {' '.join(str(e).split())}"}
+        worst = report.worst_finding()
+        return {"report": report_json(report, []), "worst": None if worst is None else
+                {"code": worst.code, "severity": worst.severity}}
+
+
+def _crashed(path: str, message: str) -> dict:
+    return {"path": path, "error": message}
+
+
+def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Optional[int]) -> int:
+    """One row per file; exit 2 if any file could not be read (the run is incomplete), else 1 if any file's
+    findings reach --fail-on, else 0."""
+    import sys
+
+    from normcli.discover import run_all
+    from normcli.inspection import SEVERITIES
+
+    results = run_all(job, [t.path for t in targets], jobs, _crashed)
+    reports = [r["report"] for r in results if "report" in r]
+    errors = [r for r in results if "error" in r]
+    failing = []
+    for r in results:
+        if "report" in r and fail_on != "never" and r["worst"] is not None and \
+                SEVERITIES.index(r["worst"]["severity"]) <= SEVERITIES.index(fail_on):
+            failing.append(r["report"]["path"])
+    summary = {"files": len(results), "read": len(reports), "unreadable": len(errors),
+               "failing": len(failing), "layers": sum(x["summary"]["layers"] for x in reports),
+               **{s: sum(x["summary"][s] for x in reports) for s in SEVERITIES},
+               "verdicts": {v: sum(1 for x in reports if (x.get("trust") or {}).get("verdict") == v)
+                            for v in ("safe", "needs-classes", "unsafe")}}
+    if json_out:
+        print_json({"files": [r.get("report", {"path": r.get("path"), "error": r.get("error")}) for r in results],
+                    "summary": summary}, schema="inspect")
+    else:
+        render_many(results)
+        out_console.print(f"{summary['files']} files: {summary['read']} read, {summary['unreadable']} unreadable; "
+                          f"{summary['error']} errors, {summary['warning']} warnings, {summary['info']} info "
+                          f"in {summary['layers']} norm layers")
+    if errors:
+        print(f"error: {len(errors)} of {len(results)} files could not be read (first: {errors[0]['error']})", file=sys.stderr)
+        return 2
+    if failing:
+        print(f"error: {len(failing)} of {len(results)} files have findings at or above --fail-on {fail_on} "
+              f"(first: {failing[0]})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def render_many(results: list) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(header_style="bold", pad_edge=False, box=None)
+    for col, kw in (("file", {"overflow": "fold"}), ("format", {}), ("layers", {"justify": "right"}),
+                    ("errors", {"justify": "right"}), ("warnings", {"justify": "right"}), ("verdict", {}),
+                    ("worst finding", {"overflow": "fold"})):
+        table.add_column(col, **kw)
+    colour = {"error": "red", "warning": "yellow", "info": "cyan"}
+    for r in results:
+        if "error" in r:
+            table.add_row(escape(_printable(r["path"])), "-", "-", "-", "-", "[yellow]unreadable[/]",
+                          "[red]" + escape(_printable(r["error"])) + "[/]")
+            continue
+        x, worst = r["report"], r["worst"]
+        s = x["summary"]
+        verdict = (x.get("trust") or {}).get("verdict", "-")
+        shown = "[green]ok[/]" if worst is None else f"[{colour[worst['severity']]}]{worst['code']}[/]"
+        table.add_row(escape(_printable(x["path"])), x["format"], str(s["layers"]), str(s["error"]),
+                      str(s["warning"]), verdict, shown)
+    out_console.print(table)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def report_json(report, detail: list) -> dict:
@@ -79,7 +198,10 @@ def report_json(report, detail: list) -> dict:
             entry["channels"] = {k: v.tolist() for k, v in x.values.items()}
         layers.append(entry)
     return jsonable({"path": report.path, "format": report.format, "state_dict_key": report.state_dict_key,
-                     "notes": report.notes, "layers": layers, "summary": report.summary})
+                     "notes": report.notes, "layers": layers, "summary": report.summary,
+                     "file_findings": [{"code": f.code, "severity": f.severity, "message": f.message}
+                                       for f in report.file_findings],
+                     "trust": report.trust})
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -161,6 +283,11 @@ def render(report, detail: list) -> None:
         color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
         console.print(f"[{color}]{f.severity:<7}[/] {cell(x.name)} [bold]{cell(f.code)}[/]: {cell(f.message)}",
                       soft_wrap=True)
+    for f in report.file_findings:
+        color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
+        console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{cell(f.code)}[/]: {cell(f.message)}", soft_wrap=True)
+    if report.trust:
+        console.print(f"trust: {report.trust['verdict']}", style="dim")
     s = report.summary
     kinds = ", ".join(f"{k} {n}" for k, n in s["kinds"].items()) or "none"
     for note in report.notes:
