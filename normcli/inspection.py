@@ -117,16 +117,18 @@ class InspectReport:
 
 def inspect_file(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
                  key: str | None = None, thresholds: Thresholds | None = None,
-                 unsafe_load: bool = False) -> InspectReport:
+                 unsafe_load: bool = False, limits=None) -> InspectReport:
     """Inspect the norm layers of any file normcli reads. With ``arch``, kinds come from the built model."""
     from normcli.formats import open_checkpoint
+    from normcli.limits import DEFAULT_LIMITS
 
     thresholds = thresholds or Thresholds()
-    with open_checkpoint(path) as ck:  # opened and recognised once; everything below reads through it
-        return _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load)
+    # opened and recognised once; everything below reads through it
+    with open_checkpoint(path, limits or DEFAULT_LIMITS) as ck:
+        return _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, limits)
 
 
-def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -> InspectReport:
+def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, limits=None) -> InspectReport:
     fmt = ck.format
     trust = file_trust(ck, fmt)
     if fmt == "onnx":
@@ -141,12 +143,13 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -
     if arch is not None or (unsafe_load and fmt in ("torchscript", "pt2")):
         from normcli.loading import load_model, module_tensor_file
 
-        loaded = load_model(ck, arch=arch, arch_kwargs=arch_kwargs, unsafe_load=unsafe_load, key=key)
+        loaded = load_model(ck, arch=arch, arch_kwargs=arch_kwargs, unsafe_load=unsafe_load, key=key,
+                            limits=limits)
         tf = module_tensor_file(loaded)
     else:
         from normcli.reader import read_tensors
 
-        tf = read_tensors(ck, key=key)
+        tf = read_tensors(ck, key=key, limits=limits)
     layers = find_norm_layers(tf.tensors, tf.module_types, tf.module_eps)
     add_findings(layers, thresholds)
     notes = []

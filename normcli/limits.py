@@ -32,6 +32,13 @@ class Limits:
     max_json_bytes: int = 64 * 1024 * 1024
     max_json_nodes: int = 2_000_000
     max_json_depth: int = 200
+    # pickles (checked by one walk over the opcodes before any unpickler sees the stream)
+    pickle_depth: int = 500                 # nesting of containers, tuples and marks
+    pickle_items_per_byte: int = 4          # objects and references a pickle may build, per byte of pickle
+    pickle_items_base: int = 1_000_000      # ... plus this many, so small pickles are never refused
+    # tensors
+    tensor_dims: int = 64                   # dimensions of one tensor
+    tensor_expand_bytes: int = 256 * 1024 * 1024  # bytes a tensor may span beyond its storage's (zero strides)
 
 
 DEFAULT_LIMITS = Limits()

@@ -1,24 +1,29 @@
 """Turn a checkpoint into a live ``nn.Module``: a state dict loaded strictly into ``--arch``, or, only with
 ``unsafe_load=True``, the module the file itself carries (full pickle, TorchScript, torch.export archive).
 
-Shared by swap and fuse-export. The safe path never runs code from the file: the globals its pickle names are
-checked first (by reading opcodes), and the tensors are then read with ``torch.load(weights_only=True)``.
+Shared by swap and fuse-export. The safe path never runs code from the file and never hands it to torch's
+loaders: the file is read once by the same reader inspect uses (``normcli.reader.read_tensors``: checked
+opcodes, allow-listed records, tensors checked against their storages), and the tensors are materialised as
+torch tensors over those checked bytes. ``torch.load``, ``torch.jit.load`` and ``torch.export.load`` run only
+with ``unsafe_load=True`` and no ``arch``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normcli.errors import NormcliError, describe, first_line
+from normcli.errors import NormcliError, describe
+from normcli.reader import TensorFile, read_tensors
 from normcli.formats import detect_format
-from normcli.reader import TensorFile, read_tensors, _strip_wrapper_prefixes
 
 LIVE_FORMATS = ("full-pickle", "torchscript", "pt2")
 
@@ -87,17 +92,18 @@ def _cwd_on_path():
 
 
 def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
-               unsafe_load: bool = False, key: str | None = None) -> LoadedModel:
-    """Load ``path`` as a module; see the module docstring for what is safe and what needs ``unsafe_load``."""
-    fmt = detect_format(path)
+               unsafe_load: bool = False, key: str | None = None, limits=None) -> LoadedModel:
+    """Load ``path`` as a module; see the module docstring for what is safe and what needs ``unsafe_load``.
+
+    The file is recognised and read once, by :func:`normcli.reader.read_tensors`; with ``arch`` its tensors are
+    materialised from those checked bytes. Only ``unsafe_load`` without ``arch`` hands the file to torch.
+    """
     if not unsafe_load:
-        refuse_code(path, fmt)
-    if fmt == "onnx":
-        raise NormcliError(f"{path} is an ONNX model; swap and fuse-export need a PyTorch checkpoint")
+        refuse_code(path, getattr(path, "format", None) or detect_format(path))
+    tf = read_tensors(path, key=key, limits=limits)
     if arch is None:
         if unsafe_load:
-            return _load_live(path, fmt, key)
-        tf = read_tensors(path, key=key)
+            return _load_live(path, tf)
         if tf.format in LIVE_FORMATS:
             raise NormcliError(f"{path} holds a {tf.format} model; loading it needs --unsafe-load because it "
                                f"contains the classes {_names(tf.unsafe_globals)}; only use it on files you trust "
@@ -108,16 +114,84 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
         raise NormcliError(f"{path} holds only a state dict ({len(tf.tensors)} tensors); pass --arch "
                            "package.module:callable (or path/to/file.py:callable) to say which model it belongs "
                            f"to{hint}")
-    tf = read_tensors(path, key=key)
     if tf.unsafe_globals and not unsafe_load:
         raise NormcliError(f"{path} needs --unsafe-load because it contains the classes or functions "
                            f"{_names(tf.unsafe_globals)}, which loading would run; only use it on files you trust")
+    swap = check_swap_options(tf.swap_options, path) if tf.swap_options is not None else None
     model = build_arch(arch, arch_kwargs)
-    if tf.swap_options is not None:
-        model = _apply_swap(model, tf.swap_options, path)
-    state_dict = _torch_state_dict(path, tf, unsafe_load)
+    if swap is not None:
+        model = _apply_swap(model, swap, path)
+    state_dict = _torch_state_dict(tf)
+    if tf.metadata is not None:
+        state_dict._metadata = collections.OrderedDict((k, dict(v)) for k, v in tf.metadata.items())
+    elif tf.format in LIVE_FORMATS:
+        # torch.load of a pickled module gives a module whose state_dict() carries its classes' versions:
+        # the same classes as --arch's, so the versions are the arch model's own
+        state_dict._metadata = getattr(model.state_dict(), "_metadata", None)
     load_strict(model, state_dict, str(path), arch, tf.stripped_prefixes)
     return LoadedModel(model, tf.format, "state_dict", tf.state_dict_key, None, arch, dict(arch_kwargs or {}))
+
+
+# Stored swap options (a file written by `normcli swap`) are checked like the command line's: these are the
+# entries it writes, and what each may hold.
+_SWAP_FIELDS = ("to", "options", "arch", "arch_kwargs", "include", "exclude", "input_shape")
+_MAX_GLOBS = 1000
+
+
+def check_swap_options(meta, path) -> dict:
+    """The ``normcli_swap`` entry of a file, validated exactly like the same swap options on the command line
+    (same types, same limits); refused with the stored option's name otherwise."""
+    from normcli.swap import SWAP_TARGETS, check_probe_shape
+
+    def refuse(name: str, why: str):
+        return NormcliError(f"{path}: its stored swap option normcli_swap.{name} {why}; the file was not written "
+                            "by normcli swap or was altered (refusing it)")
+
+    if not isinstance(meta, dict):
+        raise refuse("", "is not a dict")
+    extra = [k for k in meta if k not in _SWAP_FIELDS]
+    if extra:
+        raise refuse(str(extra[0])[:40], "is not an option normcli swap writes")
+    to = meta.get("to")
+    if to not in SWAP_TARGETS:
+        raise refuse("to", f"names no known swap target ({str(to)[:40]!r}; known: {', '.join(SWAP_TARGETS)})")
+    options = meta.get("options")
+    if not isinstance(options, dict):
+        raise refuse("options", "is not a dict")
+    defaults = SWAP_TARGETS[to].defaults
+    for name, value in options.items():
+        if name not in defaults:
+            raise refuse(f"options.{str(name)[:40]}", f"is not an option of --to {to} (it takes {', '.join(defaults)})")
+        want = type(defaults[name])
+        ok = (type(value) is bool) if want is bool else (type(value) is int) if want is int else             (type(value) in (int, float) and math.isfinite(value)) if want is float else isinstance(value, want)
+        if not ok:
+            raise refuse(f"options.{name}", f"is {str(value)[:40]!r}, not a {want.__name__} like the command "
+                                             "line's")
+    for name in ("include", "exclude"):
+        globs = meta.get(name)
+        if globs is not None and (not isinstance(globs, list) or len(globs) > _MAX_GLOBS
+                                  or not all(isinstance(g, str) and 0 < len(g) <= 1000 for g in globs)):
+            raise refuse(name, f"is not a list of at most {_MAX_GLOBS} name patterns")
+    shape = meta.get("input_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise refuse("input_shape", "is not a list of integers")
+        try:
+            check_probe_shape(shape)
+        except NormcliError as e:
+            raise refuse("input_shape", f"is refused: {e}") from None
+    for name in ("arch",):
+        if meta.get(name) is not None and (not isinstance(meta[name], str) or len(meta[name]) > 1000):
+            raise refuse(name, "is not a short string")
+    if meta.get("arch_kwargs") is not None and not isinstance(meta["arch_kwargs"], dict):
+        raise refuse("arch_kwargs", "is not a dict")
+    try:
+        from normcli.swap import resolve_options
+
+        resolve_options(to, options)
+    except NormcliError as e:
+        raise refuse("options", f"is refused: {e}") from None
+    return meta
 
 
 def refuse_code(path, fmt: str) -> None:
@@ -140,12 +214,9 @@ def refuse_code(path, fmt: str) -> None:
 
 def _apply_swap(model, meta: dict, path):
     """A file written by `normcli swap` holds the swapped model's state dict: rebuild that model first."""
-    from normcli.swap import SWAP_TARGETS, swap_norms
+    from normcli.swap import swap_norms
 
-    to = meta.get("to")
-    if to not in SWAP_TARGETS or not isinstance(meta.get("options"), dict):
-        raise NormcliError(f"{path}: its normcli_swap entry names no known swap target ({to!r})")
-    swapped, _ = swap_norms(model.eval(), to, include=meta.get("include"), exclude=meta.get("exclude"),
+    swapped, _ = swap_norms(model.eval(), meta["to"], include=meta.get("include"), exclude=meta.get("exclude"),
                             input_shape=meta.get("input_shape"), **meta["options"])
     return swapped
 
@@ -155,62 +226,62 @@ def _names(globals_: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(globals_) - limit} more" if len(globals_) > limit else "") if globals_ else "(none)"
 
 
-def _torch_state_dict(path, tf: TensorFile, unsafe_load: bool) -> dict:
-    """The state dict as torch tensors, read with weights_only=True (memory-mapped where the format allows)."""
+def _torch_state_dict(tf: TensorFile) -> "collections.OrderedDict":
+    """The state dict as torch tensors over the reader's checked bytes (memory-mapped where the file is):
+    one torch storage per file storage, so shared storages and views stay shared; dtypes as stored."""
+    import torch
+
+    bases: dict[int, Any] = {}
+    out = collections.OrderedDict()
+    for name, lazy in tf.tensors.items():
+        out[name] = tensor_from_lazy(lazy, bases)
+    return out
+
+
+def tensor_from_lazy(lazy, bases: dict | None = None):
+    """A torch tensor for a LazyArray: a strided view of its storage's checked bytes (no copy; a zero stride
+    stays a zero stride). ``bases`` caches one torch storage per StorageRef."""
+    import warnings
+
     import numpy as np
     import torch
 
-    if tf.container == "safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return _strip_wrapper_prefixes(load_file(os.fspath(path)))[0]
-        except Exception as e:
-            raise NormcliError(f"{path}: cannot read the safetensors file ({e})") from None
-    if tf.container in ("torch-zip", "torch-legacy"):
-        with _without_env("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
-            try:
-                root = torch.load(os.fspath(path), map_location="cpu", weights_only=True,
-                                  mmap=tf.container == "torch-zip")
-            except Exception as e:
-                if unsafe_load:
-                    root = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-                else:
-                    raise NormcliError(f"{path}: torch.load(weights_only=True) refused the file "
-                                       f"({first_line(e)}); pass --unsafe-load only if you trust it") from None
-        obj = _at_key(root, tf.state_dict_key)
-        if isinstance(obj, torch.nn.Module):
-            obj = obj.state_dict()
-        return _strip_wrapper_prefixes(dict(obj))[0]
-    # full pickles, TorchScript and .pt2 with --arch --unsafe-load: the safe reader already has the bytes
-    return {k: torch.from_numpy(np.array(v.load())) for k, v in tf.tensors.items()}
-
-
-def _at_key(root, key: str | None):
-    """The entry the safe reader chose (``a/b`` for nested keys) in what torch.load returned."""
-    for part in key.split("/") if key else ():
-        root = root[part]
-    return root
-
-
-@contextlib.contextmanager
-def _without_env(name: str):
-    # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD must never turn normcli's safe loads into full unpickling
-    saved = os.environ.pop(name, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[name] = saved
+    if lazy.array_ is not None:
+        return torch.from_numpy(np.array(lazy.array_))
+    ref = lazy.storage
+    if ref is None:
+        raise NormcliError("a tensor of the file has no storage")
+    bases = {} if bases is None else bases
+    raw = bases.get(id(ref))
+    if raw is None:
+        arr = ref.array().reshape(-1).view(np.uint8)
+        with warnings.catch_warnings():  # the map is read-only: torch warns, and only ever reads it
+            warnings.simplefilter("ignore")
+            raw = torch.from_numpy(arr)
+        bases[id(ref)] = raw = (ref, raw)
+    raw = raw[1]
+    dtype = getattr(torch, lazy.dtype)
+    typed = raw.view(dtype) if raw.numel() else torch.empty(0, dtype=dtype)
+    return torch.as_strided(typed, lazy.shape, lazy.stride, lazy.offset)
 
 
 def load_strict(model, state_dict: dict, path: str, arch: str, stripped: list[str] | None = None) -> None:
-    """``model.load_state_dict(strict=True)`` with an error that lists what does not fit."""
+    """``model.load_state_dict(strict=True)`` with an error that lists what does not fit. Missing and unexpected
+    keys are counted after the modules' own ``_load_from_state_dict`` ran (a module may upgrade an older
+    version's keys, as under torch.load)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k} {list(state_dict[k].shape)} vs {list(expected[k].shape)}" for k in expected
               if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != expected[k].shape]
+    missing, unexpected = [], []
+    if not shapes:
+        try:
+            result = model.load_state_dict(state_dict, strict=False)
+        except NormcliError:
+            raise
+        except Exception as e:
+            raise NormcliError(f"the state dict in {path} does not load into --arch {arch} ({describe(e)}); "
+                               "check --arch and --arch-kwargs") from None
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -222,14 +293,13 @@ def load_strict(model, state_dict: dict, path: str, arch: str, stripped: list[st
         hint = f" (prefixes {', '.join(stripped)} were removed from the file's keys)" if stripped else ""
         raise NormcliError(f"the state dict in {path} does not fit --arch {arch}: {'; '.join(parts)}{hint}; "
                            "check --arch and --arch-kwargs")
-    model.load_state_dict(state_dict, strict=True)
 
 
-def _load_live(path, fmt: str, key: str | None) -> LoadedModel:
+def _load_live(path, tf: TensorFile) -> LoadedModel:
     """Only under --unsafe-load: let torch rebuild the module the file carries (this runs the file's code)."""
     import torch
 
-    tf = read_tensors(path, key=key)
+    fmt = tf.container
     if tf.format not in LIVE_FORMATS:
         raise NormcliError(f"{path} holds only a state dict; pass --arch to say which model it belongs to")
     try:
@@ -272,3 +342,10 @@ def module_tensor_file(loaded: LoadedModel) -> TensorFile:
             eps[name] = value
     return TensorFile(str(loaded.format), loaded.format, loaded.format, tensors, module_types=types,
                       module_eps=eps, state_dict_key=loaded.state_dict_key)
+
+
+def _at_key(root, key: str | None):
+    """The entry the safe reader chose (``a/b`` for nested keys) in what torch.load returned."""
+    for part in key.split("/") if key else ():
+        root = root[part]
+    return root

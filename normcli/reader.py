@@ -21,16 +21,20 @@ import numpy as np
 
 from normcli.errors import NormcliError
 from normcli.formats import LEGACY_MAGIC, CheckpointFile, open_checkpoint, read_safetensors_header
-from normcli.limits import DEFAULT_LIMITS, Limits
+from normcli.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 from normcli.safe_json import load_json
-from normcli.safe_pickle import (LazyArray, Placeholder, SafeUnpickler, StorageRef, element_size,
-                                 is_unsafe_global, storage_from_pid, _numpy_dtype)
+from normcli.safe_pickle import (LazyArray, PickleRefused, Placeholder, SafeUnpickler, StorageRef, element_size,
+                                 is_unsafe_global, safe_load, state_dict_metadata, storage_from_pid, walk_pickle,
+                                 _numpy_dtype)
 
 # Where training frameworks keep the weights, in the order we prefer them.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights",
                    "params", "model_state", "state_dict_ema", "model_ema", "ema_state_dict", "ema")
 # Prefixes wrappers add to every key: DataParallel/DDP, torch.compile, Lightning's `self.model`.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Nodes any one walk over a file's structure may visit (state-dict search, module trees); real checkpoints
+# stay far below (a ResNet-152 full pickle has ~500 modules), a file of shared references cannot multiply it.
+WALK_BUDGET = 200_000
 
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -60,12 +64,13 @@ class TensorFile:
 
 
 def read_tensors(path: str | os.PathLike | CheckpointFile, key: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> TensorFile:
+                 limits: Limits | None = None) -> TensorFile:
     """Read the state dict in ``path`` (any torch/safetensors format). ``key`` picks a nested entry.
 
     ``path`` may be a :class:`normcli.formats.CheckpointFile` already opened (and recognised) by the caller:
     then nothing is opened again. The returned arrays read from that file's map when loaded.
     """
+    limits = limits or DEFAULT_LIMITS
     ck = open_checkpoint(path, limits)
     p = ck
     fmt = ck.format
@@ -78,31 +83,40 @@ def read_tensors(path: str | os.PathLike | CheckpointFile, key: str | None = Non
             raise NormcliError(f"{p} is an ONNX model; it holds no PyTorch state dict "
                                "(normcli inspect reads it; swap and fuse-export need a PyTorch checkpoint)")
         if fmt == "torch-legacy":
-            root, unpickler = _unpickle_legacy(p)
+            root, unpickler, globals_ = _unpickle_legacy(p, limits)
         else:
-            root, unpickler = _unpickle_zip(p, limits)
+            root, unpickler, globals_ = _unpickle_zip(p, limits)
+        tf = _interpret(p, root, "torchscript" if fmt == "torchscript" else fmt, key)
+    except (PickleRefused, LimitExceeded) as e:  # raised below the file level: say which file
+        if not str(e.args[0]).startswith(str(p)):
+            e.args = (f"{p}: {e.args[0]}",)
+        raise
     except NormcliError:
         raise
+    except RecursionError:
+        raise LimitExceeded(f"{p}: the file's structure nests too deeply", "pickle_depth",
+                            limits.pickle_depth) from None
     except Exception as e:  # any failure to parse what the file claims means the file is damaged
         raise NormcliError(f"{p}: cannot read the {fmt} file ({type(e).__name__}: {e}); "
                            "it is truncated or corrupt") from None
-    tf = _interpret(p, root, "torchscript" if fmt == "torchscript" else fmt, key)
     tf.unsafe_globals = unpickler.unsafe_globals
-    if not tf.globals:  # every global the unpickler was asked for (inspect classifies them with normcli.trust)
-        tf.globals = list(unpickler.globals_seen)
+    tf.globals = globals_
     if isinstance(root, dict) and isinstance(root.get("normcli_swap"), dict) and _plain_data(root["normcli_swap"]):
         tf.swap_options = root["normcli_swap"]
     return tf
 
 
-def _plain_data(obj: Any, depth: int = 0) -> bool:
-    """Only JSON-like values (no placeholders, no tensors) count as swap options."""
-    if depth > 8:
+def _plain_data(obj: Any, budget: list[int] | None = None, depth: int = 0) -> bool:
+    """Only JSON-like values (no placeholders, no tensors) count as swap options; the walk visits at most a
+    few thousand values, however many times the pickle repeats one by reference."""
+    budget = [4096] if budget is None else budget
+    budget[0] -= 1
+    if depth > 8 or budget[0] < 0:
         return False
     if isinstance(obj, dict):
-        return all(isinstance(k, str) and _plain_data(v, depth + 1) for k, v in obj.items())
+        return all(isinstance(k, str) and _plain_data(v, budget, depth + 1) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return all(_plain_data(v, depth + 1) for v in obj)
+        return all(_plain_data(v, budget, depth + 1) for v in obj)
     return obj is None or isinstance(obj, (str, int, float, bool))
 
 
@@ -136,7 +150,7 @@ def _entry_reader(p, z, folder: str):
     return read
 
 
-def _unpickle_zip(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, SafeUnpickler]:
+def _unpickle_zip(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, SafeUnpickler, list[str]]:
     z = p.archive
     prefix = z.prefix
     reader = _entry_reader(p, z, f"{prefix}data/")
@@ -144,41 +158,58 @@ def _unpickle_zip(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> tuple[A
     storages: dict[str, StorageRef] = {}
 
     def persistent_load(pid):
-        ref = storage_from_pid(pid, reader)
-        return storages.setdefault(ref.key, ref)
+        ref = _one_storage(storages, storage_from_pid(pid, reader, limits))
+        entry = z.get(f"{prefix}data/{ref.key}")
+        if entry is None:
+            raise PickleRefused(f"the pickle refers to storage {ref.key}, which the archive does not hold; the "
+                                "file is corrupt")
+        if entry.size < ref.nbytes:
+            raise PickleRefused(f"storage {ref.key} holds {entry.size} bytes but the pickle says {ref.nbytes}; the "
+                                "file is corrupt")
+        return ref
 
-    return _checked_load(io.BytesIO(data), persistent_load)
-
-
-def _checked_load(stream, persistent_load=None) -> tuple[Any, SafeUnpickler]:
-    """Unpickle the next pickle in ``stream`` once its opcodes are known to fit in the data.
-
-    The opcodes are walked first with reads capped at the data's end, so a length field that claims
-    gigabytes fails here instead of making the unpickler allocate them.
-    """
-    import pickletools
-
-    start = stream.tell()
-    for op, _arg, _pos in pickletools.genops(stream):
-        if op.name == "STOP":
-            break
-    else:
-        raise pickle.UnpicklingError("pickle data was truncated")
-    end = stream.tell()
-    stream.seek(start)
-    unpickler = SafeUnpickler(io.BytesIO(stream.read(end - start)), persistent_load)
-    value = unpickler.load()
-    stream.seek(end)
-    return value, unpickler
+    root, unpickler, walk = _checked_load(io.BytesIO(data), persistent_load, limits)
+    found = list(walk.globals)
+    if f"{prefix}constants.pkl" in z:  # TorchScript: its constants are a second pickle of the file
+        constants = z.read(f"{prefix}constants.pkl", limits.max_record_bytes, "constants.pkl")
+        more = walk_pickle(io.BytesIO(constants), limits, len(constants)).globals
+        found += [g for g in more if g not in found]
+        unpickler.globals_seen += [g for g in more if g not in unpickler.globals_seen]
+    return root, unpickler, found
 
 
-def _unpickle_legacy(p: Path) -> tuple[Any, SafeUnpickler]:
+def _one_storage(storages: dict[str, StorageRef], ref: StorageRef) -> StorageRef:
+    """The first record of a storage key; a later record of the same key must describe the same storage."""
+    first = storages.setdefault(ref.key, ref)
+    if first is not ref and (first.dtype != ref.dtype or first.numel != ref.numel):
+        raise PickleRefused(f"the pickle describes storage {ref.key} twice, differently; the file is crafted")
+    return first
+
+
+def _checked_load(stream, persistent_load=None, limits: Limits = DEFAULT_LIMITS):
+    """Unpickle the next pickle in ``stream`` once one walk over its opcodes accepted it (see
+    ``safe_pickle.walk_pickle``): depth, memo, size budget, opcodes; returns (value, unpickler, walk)."""
+    return safe_load(stream, persistent_load, limits, size=_stream_size(stream))
+
+
+def _stream_size(stream) -> int | None:
+    if isinstance(stream, io.BytesIO):
+        return len(stream.getbuffer())
+    if isinstance(stream, _MMapReader):
+        return len(stream.mm)
+    return None
+
+
+def _unpickle_legacy(p: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, SafeUnpickler, list[str]]:
     mf = _MappedFile(p)
     f = _MMapReader(mf.mm)
-    if _checked_load(f)[0] != LEGACY_MAGIC:
+    found: dict[str, None] = {}
+    magic, _, walk = _checked_load(f, None, limits)
+    found.update(dict.fromkeys(walk.globals))
+    if magic != LEGACY_MAGIC:
         raise NormcliError(f"{p}: not a torch legacy file (bad magic number)")
-    _checked_load(f)  # protocol version
-    _checked_load(f)  # sys info
+    for _ in range(2):  # protocol version, sys info
+        found.update(dict.fromkeys(_checked_load(f, None, limits)[2].globals))
     storages: dict[str, StorageRef] = {}
     offsets: dict[str, int] = {}
 
@@ -186,29 +217,37 @@ def _unpickle_legacy(p: Path) -> tuple[Any, SafeUnpickler]:
         return mf.array(offsets[ref.key], ref.dtype, ref.numel)
 
     def persistent_load(pid):
-        ref = storage_from_pid(pid, read)
-        if len(pid) > 5 and pid[5] is not None:
-            raise pickle.UnpicklingError("legacy storage views are not supported")
-        return storages.setdefault(ref.key, ref)
+        return _one_storage(storages, storage_from_pid(pid, read, limits))
 
-    root, unpickler = _checked_load(f, persistent_load)
-    keys, _ = _checked_load(f)
-    if not isinstance(keys, list):
-        raise pickle.UnpicklingError("storage key list missing")
+    root, unpickler, walk = _checked_load(f, persistent_load, limits)
+    found.update(dict.fromkeys(walk.globals))
+    keys, _, walk = _checked_load(f, None, limits)
+    found.update(dict.fromkeys(walk.globals))
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+        raise NormcliError(f"{p}: the legacy file's storage key list is missing or malformed; the file is corrupt")
     pos = f.tell()
     for key in keys:
         if pos + 8 > mf.size:
             raise NormcliError(f"{p}: the file ends inside its tensor data; it is truncated")
         (count,) = struct.unpack("<q", mf.mm[pos:pos + 8])
-        ref = storages.get(str(key))
+        ref = storages.get(key)
         if ref is None:
-            raise pickle.UnpicklingError(f"unknown storage {key}")
-        nbytes = count * element_size(ref.dtype)
-        if count != ref.numel or pos + 8 + nbytes > mf.size:
+            raise NormcliError(f"{p}: the legacy file stores data for storage {key}, which its pickle never "
+                               "names; the file is corrupt")
+        if count != ref.numel:
+            raise NormcliError(f"{p}: storage {key} holds {count} elements but the pickle says {ref.numel}; "
+                               "the file is corrupt")
+        if pos + 8 + count * element_size(ref.dtype) > mf.size:
             raise NormcliError(f"{p}: the file ends inside its tensor data; it is truncated")
-        offsets[str(key)] = pos + 8
-        pos += 8 + nbytes
-    return root, unpickler
+        offsets[key] = pos + 8
+        pos += 8 + count * element_size(ref.dtype)
+    missing = [k for k in storages if k not in offsets]
+    if missing:
+        # torch.load would leave these tensors uninitialised: whatever was in memory would become weights
+        raise NormcliError(f"{p}: the pickle refers to storage {missing[0]}"
+                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which is missing "
+                           "from the legacy file's key list; the file is corrupt")
+    return root, unpickler, list(found)
 
 
 class _MMapReader(io.RawIOBase):
@@ -352,6 +391,7 @@ def _read_pt2(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> TensorFile:
         raise NormcliError(f"{p}: model_weights_config.json holds no weight table; the file is corrupt")
     tensors: dict[str, LazyArray] = {}
     unsafe: list[str] = []
+    found: list[str] = []
     for fqn, meta in config.items():
         path_name, dtype, shape, stride, offset, use_pickle = _pt2_tensor(p, fqn, meta)
         if dtype is None:
@@ -379,11 +419,12 @@ def _read_pt2(p: CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> TensorFile:
     if sample_inputs in z:
         inner = z.nested(sample_inputs, limits.max_record_bytes, "the sample inputs")
         pkl = f"{inner.prefix}data.pkl"
-        unsafe = _pickle_globals(inner.read(pkl, limits.max_record_bytes, "the sample inputs' data.pkl")
-                                 if pkl in inner else b"")
+        found = _pickle_globals(inner.read(pkl, limits.max_record_bytes, "the sample inputs' data.pkl")
+                                if pkl in inner else b"", limits)
+        unsafe = [g for g in found if is_unsafe_global(g)]
     sd, stripped = _strip_wrapper_prefixes(tensors)
     return TensorFile(str(p), "pt2", "pt2", sd, module_types=module_types, stripped_prefixes=stripped,
-                      unsafe_globals=unsafe)
+                      unsafe_globals=unsafe, globals=found)
 
 
 def _pt2_json(p, z, name: str, limits: Limits) -> Any:
@@ -396,29 +437,19 @@ def _read_inner_pickle(p, z, entry: str, prefix: str, limits: Limits = DEFAULT_L
     inner = z.nested(entry, limits.max_record_bytes)
     data = inner.read(f"{inner.prefix}data.pkl", limits.max_record_bytes, f"{entry}'s data.pkl")
     read = _entry_reader(p, inner, f"{inner.prefix}data/")
-    value, _unpickler = _checked_load(io.BytesIO(data), lambda pid: storage_from_pid(pid, read))
+    value, _unpickler, _walk = _checked_load(io.BytesIO(data), lambda pid: storage_from_pid(pid, read, limits),
+                                             limits)
     if not isinstance(value, LazyArray):
         raise NormcliError(f"{p}: weight entry {entry} does not hold a tensor")
     return value
 
 
-def _pickle_globals(blob: bytes) -> list[str]:
-    """The globals a pickle names, found by reading opcodes, never executing."""
-    import pickletools
-
-    found: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _pos in pickletools.genops(blob):
-            if op.name in ("GLOBAL", "INST"):
-                found.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            if isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # a damaged pickle: report what was seen so far
-        pass
-    return [g for g in dict.fromkeys(found) if is_unsafe_global(g)]
+def _pickle_globals(blob: bytes, limits: Limits = DEFAULT_LIMITS) -> list[str]:
+    """Every global a pickle names, in order, found by the checked opcode walk (never executing); a pickle
+    the walk refuses is refused here too."""
+    if not blob:
+        return []
+    return walk_pickle(io.BytesIO(blob), limits, len(blob)).globals
 
 
 def _pt2_module_types(model: Any) -> dict[str, str]:
@@ -473,6 +504,19 @@ def _tensor_dict(obj: Any) -> bool:
         all(isinstance(k, str) for k in obj) and all(isinstance(v, LazyArray) for v in obj.values())
 
 
+class _Budget:
+    """Counts the nodes one walk over a file's structure visits; shared references cannot multiply it."""
+
+    def __init__(self, p: Path, what: str, limit: int = WALK_BUDGET):
+        self.p, self.what, self.left = p, what, limit
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise NormcliError(f"{self.p}: {self.what} visits more than {WALK_BUDGET} nodes; the file repeats "
+                               "its structure by reference (crafted) or is not a checkpoint normcli knows")
+
+
 def _interpret(p: Path, root: Any, container: str, key: str | None) -> TensorFile:
     if container == "torchscript":
         if not _is_script_module(root):
@@ -480,22 +524,23 @@ def _interpret(p: Path, root: Any, container: str, key: str | None) -> TensorFil
         tensors: dict[str, LazyArray] = {}
         types: dict[str, str] = {}
         eps: dict[str, float] = {}
-        _walk_script(root, "", tensors, types, eps, depth=0)
+        _walk_script(root, "", tensors, types, eps, depth=0, budget=_Budget(p, "the TorchScript module tree"),
+                     path=set())
         return TensorFile(str(p), "torchscript", "torchscript", tensors, module_types=types, module_eps=eps)
     if key is not None:
         return _from_key(p, root, container, key)
     if _is_module(root):
         return _from_module(p, root, container, None)
     if _tensor_dict(root):
-        sd, stripped = _strip_wrapper_prefixes(dict(root))
-        return TensorFile(str(p), "state-dict", container, sd, stripped_prefixes=stripped)
+        return _from_state_dict(p, root, "state-dict", container, None)
     if isinstance(root, dict):
         candidates = [k for k in STATE_DICT_KEYS if k in root and (_tensor_dict(root[k]) or _is_module(root[k]))]
         if candidates:
             tf = _from_key(p, root, container, candidates[0])
             tf.other_state_dicts = candidates[1:]
             return tf
-        found = _largest_tensor_dict(root, "", depth=0)
+        found = _largest_tensor_dict(root, "", depth=0, budget=_Budget(p, "the search for the state dict"),
+                                     seen=set())
         if found is not None:
             return _from_key(p, root, container, found)
     raise NormcliError(f"{p}: no state dict found in this {container} file (top level is "
@@ -514,15 +559,23 @@ def _from_key(p: Path, root: Any, container: str, key: str) -> TensorFile:
         return _from_module(p, obj, container, key)
     if not _tensor_dict(obj):
         raise NormcliError(f"{p}: entry {key!r} is {_describe(obj)}, not a state dict")
+    return _from_state_dict(p, obj, "checkpoint", container, key)
+
+
+def _from_state_dict(p: Path, obj: dict, fmt: str, container: str, key: str | None) -> TensorFile:
     sd, stripped = _strip_wrapper_prefixes(dict(obj))
-    return TensorFile(str(p), "checkpoint", container, sd, state_dict_key=key, stripped_prefixes=stripped)
+    metadata = state_dict_metadata(obj)
+    if metadata is not None:
+        metadata = _strip_metadata_prefixes(metadata, stripped)
+    return TensorFile(str(p), fmt, container, sd, state_dict_key=key, stripped_prefixes=stripped,
+                      metadata=metadata)
 
 
 def _from_module(p: Path, module: Placeholder, container: str, key: str | None) -> TensorFile:
     tensors: dict[str, LazyArray] = {}
     types: dict[str, str] = {}
     eps: dict[str, float] = {}
-    _walk_module(module, "", tensors, types, eps, depth=0)
+    _walk_module(module, "", tensors, types, eps, depth=0, budget=_Budget(p, "the module tree"), path=set())
     return TensorFile(str(p), "full-pickle", container, tensors, module_types=types, module_eps=eps,
                       state_dict_key=key)
 
@@ -533,33 +586,52 @@ def _record_eps(state: dict, module: str, eps: dict) -> None:
         eps[module] = value
 
 
-def _walk_module(obj: Placeholder, prefix: str, tensors: dict, types: dict, eps: dict, depth: int) -> None:
+def _enter(obj: Any, path: set, depth: int, budget: _Budget) -> None:
     if depth > 200:
-        raise NormcliError("module nesting is deeper than 200 levels; the file is corrupt or hostile")
+        raise NormcliError(f"{budget.p}: module nesting is deeper than 200 levels; the file is corrupt or hostile")
+    if id(obj) in path:
+        raise NormcliError(f"{budget.p}: a module contains itself; the file is corrupt or hostile")
+    budget.spend()
+
+
+def _walk_module(obj: Placeholder, prefix: str, tensors: dict, types: dict, eps: dict, depth: int,
+                 budget: _Budget, path: set) -> None:
+    _enter(obj, path, depth, budget)
     types[prefix.rstrip(".")] = obj.qualname
     state = obj._state
     _record_eps(state, prefix.rstrip("."), eps)
     skip = state.get("_non_persistent_buffers_set") or ()
+    if not isinstance(skip, (set, frozenset, list, tuple)):
+        skip = ()
     for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if isinstance(value, LazyArray) and not (group == "_buffers" and name in skip):
+        entries = state.get(group)
+        for name, value in (entries.items() if isinstance(entries, dict) else ()):
+            budget.spend()
+            if isinstance(name, str) and isinstance(value, LazyArray) and not (group == "_buffers" and name in skip):
                 tensors[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if _is_module(child):
-            _walk_module(child, f"{prefix}{name}.", tensors, types, eps, depth + 1)
+    children = state.get("_modules")
+    path.add(id(obj))
+    for name, child in (children.items() if isinstance(children, dict) else ()):
+        budget.spend()
+        if isinstance(name, str) and _is_module(child):
+            _walk_module(child, f"{prefix}{name}.", tensors, types, eps, depth + 1, budget, path)
+    path.discard(id(obj))
 
 
-def _walk_script(obj: Placeholder, prefix: str, tensors: dict, types: dict, eps: dict, depth: int) -> None:
-    if depth > 200:
-        raise NormcliError("module nesting is deeper than 200 levels; the file is corrupt or hostile")
+def _walk_script(obj: Placeholder, prefix: str, tensors: dict, types: dict, eps: dict, depth: int,
+                 budget: _Budget, path: set) -> None:
+    _enter(obj, path, depth, budget)
     types[prefix.rstrip(".")] = _script_class(obj.qualname)
     state = obj._state if isinstance(obj._state, dict) else {}
     _record_eps(state, prefix.rstrip("."), eps)
+    path.add(id(obj))
     for name, value in state.items():
+        budget.spend()
         if isinstance(value, LazyArray):
             tensors[prefix + str(name)] = value
         elif _is_script_module(value):
-            _walk_script(value, f"{prefix}{name}.", tensors, types, eps, depth + 1)
+            _walk_script(value, f"{prefix}{name}.", tensors, types, eps, depth + 1, budget, path)
+    path.discard(id(obj))
 
 
 def _script_class(qualname: str) -> str:
@@ -569,18 +641,20 @@ def _script_class(qualname: str) -> str:
     return ".".join(parts)
 
 
-def _largest_tensor_dict(obj: Any, path: str, depth: int) -> str | None:
+def _largest_tensor_dict(obj: Any, path: str, depth: int, budget: _Budget, seen: set) -> str | None:
     best, best_n = None, 0
-    if depth > 6 or not isinstance(obj, dict):
+    if depth > 6 or not isinstance(obj, dict) or id(obj) in seen:
         return None
+    seen.add(id(obj))  # a dict reached again by another key holds nothing new
     for k, v in obj.items():
+        budget.spend()
         if not isinstance(k, str):
             continue
         sub = f"{path}/{k}" if path else k
         if (_tensor_dict(v) and len(v) > best_n) or (_is_module(v) and best is None):
             best, best_n = sub, len(v) if isinstance(v, dict) else best_n
         elif isinstance(v, dict):
-            inner = _largest_tensor_dict(v, sub, depth + 1)
+            inner = _largest_tensor_dict(v, sub, depth + 1, budget, seen)
             if inner is not None and best is None:
                 best = inner
     return best
@@ -601,6 +675,27 @@ def _strip_wrapper_prefixes(sd: dict[str, Any]) -> tuple[dict[str, Any], list[st
                 stripped.append(prefix)
                 changed = True
     return sd, stripped
+
+
+def _strip_metadata_prefixes(metadata: dict, stripped: list[str]) -> dict:
+    """Rename a state dict's ``_metadata`` keys as its tensor keys were renamed, the way torch's
+    ``consume_prefix_in_state_dict_if_present`` does: for prefix ``module.``, ``module`` becomes ``""`` (the
+    wrapped module's entry replaces the wrapper's) and ``module.x`` becomes ``x``; ``_orig_mod`` is dropped
+    from every name, as it was from the tensor keys."""
+    import collections
+
+    out = collections.OrderedDict(metadata)
+    for prefix in stripped:
+        if prefix == "_orig_mod.":
+            renamed = collections.OrderedDict()
+            for key, value in out.items():
+                renamed[".".join(part for part in key.split(".") if part != "_orig_mod")] = value
+            out = renamed
+            continue
+        for key in list(out):
+            if key and (key == prefix.replace(".", "") or key.startswith(prefix)):
+                out[key[len(prefix):]] = out.pop(key)
+    return out
 
 
 def _describe(obj: Any) -> str:

@@ -1,24 +1,36 @@
-"""An unpickler that never runs code carried by a file.
+"""Read torch's pickles without running anything a file carries, and without trusting its structure.
 
-Every global a pickle names is looked up in a small allow-list of pure functions written here (tensor
-rebuilders, plain containers). Anything else -- a model class, ``os.system``, ``builtins.eval`` -- becomes
-an inert placeholder class that only records the arguments and state it is given. Calling a placeholder
-(the pickle REDUCE opcode) builds another placeholder; nothing is imported and nothing is executed.
+Two steps, in this order, for every pickle stream:
 
-This is what lets ``normcli inspect`` read full pickled modules and TorchScript archives without
-``--unsafe-load``, and it needs no torch at all: tensors come back as :class:`LazyArray` descriptions whose
-bytes are read (memory-mapped) only when a caller asks for them.
+1. :func:`walk_pickle` makes one linear pass over the opcodes (like ``pickletools.genops``; nothing is
+   built or executed). It checks the nesting depth, memo indices, the number of objects and references the
+   stream would build (a budget that grows with the stream's length), the opcodes themselves (no extension
+   registry, no out-of-band buffers, persistent ids only as torch writes them) and collects the globals the
+   stream names, in order of first appearance. A stream that fails any check never reaches an unpickler.
+2. :class:`SafeUnpickler` builds the value. Every global is looked up in a small allow-list of pure
+   functions written here (tensor rebuilders, plain containers); anything else -- a model class,
+   ``os.system``, ``builtins.eval`` -- becomes an inert :class:`Placeholder` that records the arguments and
+   state it is given. What the allow-list builds are plain records (``__slots__``, immutable, no state can be
+   set on them). The one piece of state torch's own files set on an allowed object, a state dict's
+   ``_metadata`` (module versions), is accepted as validated plain data.
+
+Tensors come back as :class:`LazyArray` records: shape, strides and dtype checked against the storage they
+name, bytes read (memory-mapped) only when a caller asks for them. No torch is needed.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import io
 import pickle
-from dataclasses import dataclass
+import pickletools
 from typing import Any, Callable
 
 import numpy as np
+
+from normcli.errors import NormcliError
+from normcli.limits import DEFAULT_LIMITS, LimitExceeded, Limits
 
 # torch storage class name -> (numpy dtype, element size). bfloat16 is read as uint16 and widened on load.
 STORAGE_DTYPES: dict[str, tuple[str, int]] = {
@@ -44,10 +56,188 @@ TORCH_DTYPE_STORAGE = {
     "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
 }
 
+# A size, stride or offset above this is no real tensor's (and would overflow numpy's int64 arithmetic).
+MAX_TENSOR_INT = 2 ** 48
+
+
+class PickleRefused(NormcliError):
+    """A pickle that torch never writes: the message says what was found; the reader adds the file name."""
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+class Record:
+    """Base of everything the allow-list builds: ``__slots__``, immutable, and no state can be set on it
+    (the pickle BUILD opcode on a record is refused instead of giving it attributes)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __setstate__(self, state):
+        raise PickleRefused(f"the pickle sets state (BUILD) on a {type(self).__name__}, which torch never writes; "
+                            "the file is crafted or corrupt")
+
+    def _init(self, **fields):
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+
+class StorageType(Record):
+    """A torch storage class named in a pickle (``torch.FloatStorage``), kept as data."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self._init(name=name)
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class StorageRef(Record):
+    """One storage of a file: its key, dtype and element count, and a ``reader`` that returns exactly its
+    ``numel`` elements as a read-only numpy array over the file's checked bytes."""
+
+    __slots__ = ("key", "dtype", "numel", "reader", "limits")
+
+    def __init__(self, key: str, dtype: str, numel: int, reader: Callable[["StorageRef"], np.ndarray] | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
+        self._init(key=key, dtype=dtype, numel=numel, reader=reader, limits=limits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+    def array(self) -> np.ndarray:
+        if self.reader is None:
+            raise NormcliError(f"storage {self.key} has no data")
+        arr = self.reader(self)
+        if arr.size != self.numel or arr.dtype != _numpy_dtype(self.dtype):  # a reader bug, never file data
+            raise NormcliError(f"storage {self.key}: read {arr.size} elements, expected {self.numel}")
+        return arr
+
+    def __repr__(self):
+        return f"<storage {self.key} {self.dtype}[{self.numel}]>"
+
+
+class LazyArray(Record):
+    """A tensor described by a file: shape, strides and dtype over a storage; read on ``load()``.
+
+    ``array_`` holds values normcli computed itself (a live module's tensors); records built from a file
+    never have it.
+    """
+
+    __slots__ = ("storage", "offset", "shape", "stride", "dtype", "array_")
+
+    def __init__(self, storage: StorageRef | None, offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
+                 dtype: str, array_: np.ndarray | None = None):
+        self._init(storage=storage, offset=offset, shape=tuple(shape), stride=tuple(stride), dtype=dtype,
+                   array_=array_)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def extent(self) -> int:
+        """Elements of the storage the tensor reaches (0 for an empty tensor)."""
+        return tensor_extent(self.offset, self.shape, self.stride)
+
+    def load(self) -> np.ndarray:
+        """Read the tensor's values (a copy; bfloat16 widened to float32)."""
+        if self.array_ is not None:
+            return self.array_
+        if self.storage is None:
+            raise NormcliError("tensor has no storage")
+        if self.numel == 0:
+            return np.zeros(self.shape, dtype=np.float32 if self.dtype == "bfloat16" else _numpy_dtype(self.dtype))
+        base = self.storage.array()
+        if self.extent > base.size:
+            raise NormcliError(f"a tensor extends past the end of its storage {self.storage.key}")
+        item = base.itemsize
+        nbytes = self.numel * item
+        budget = self.storage.limits.tensor_expand_bytes
+        if nbytes > max(base.size * item, budget):
+            # legal in torch (a zero stride repeats elements), but materialising it is the file's choice of size
+            raise LimitExceeded(f"a tensor of shape {list(self.shape)} repeats its {base.size * item} stored bytes "
+                                f"into {nbytes} bytes", "tensor_expand_bytes", budget)
+        view = np.lib.stride_tricks.as_strided(
+            base[self.offset:], shape=self.shape, strides=tuple(st * item for st in self.stride), writeable=False)
+        out = np.array(view)
+        if self.dtype == "bfloat16":
+            out = (out.astype(np.uint32) << 16).view(np.float32)
+        return out
+
+    def __repr__(self):
+        return f"<tensor {self.dtype}{list(self.shape)}>"
+
+
+def tensor_extent(offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """offset + sum((size-1)*stride) + 1, in Python ints (no overflow); 0 when the tensor is empty."""
+    if any(s == 0 for s in shape):
+        return 0
+    return offset + sum((s - 1) * st for s, st in zip(shape, stride)) + 1
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return np.dtype("uint16" if name == "bfloat16" else name)
+
+
+def element_size(dtype: str) -> int:
+    return _numpy_dtype(dtype).itemsize
+
+
+def _plain_ints(values, what: str, limits: Limits) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or len(values) > limits.tensor_dims:
+        raise PickleRefused(f"a tensor record's {what} is not a list of at most {limits.tensor_dims} integers")
+    for v in values:
+        if type(v) is not int or not 0 <= v <= MAX_TENSOR_INT:
+            raise PickleRefused(f"a tensor record's {what} holds {v!r:.40}, not a non-negative integer below "
+                                f"2**48; the file is crafted or corrupt")
+    return tuple(values)
+
+
+def checked_tensor(storage, offset, size, stride, dtype: str | None = None) -> LazyArray:
+    """A LazyArray for a tensor record, once its parts are known to describe bytes the storage holds."""
+    if not isinstance(storage, StorageRef):
+        raise PickleRefused("a tensor record names no storage of the file")
+    limits = storage.limits
+    (offset,) = _plain_ints((offset,), "storage offset", limits)
+    shape = _plain_ints(size, "size", limits)
+    stride = _plain_ints(stride, "stride", limits)
+    if len(shape) != len(stride):
+        raise PickleRefused(f"a tensor record has {len(shape)} sizes but {len(stride)} strides")
+    if dtype is not None and dtype != storage.dtype:
+        if element_size(dtype) != element_size(storage.dtype):
+            raise PickleRefused(f"a tensor record reads {storage.dtype} storage {storage.key} as {dtype}")
+    extent = tensor_extent(offset, shape, stride)
+    if extent > storage.numel:
+        raise PickleRefused(f"a tensor of shape {list(shape)}, strides {list(stride)} at offset {offset} needs "
+                            f"{extent} elements of storage {storage.key}, which holds {storage.numel}; "
+                            "the file is crafted or corrupt")
+    return LazyArray(storage, offset, shape, stride, dtype or storage.dtype)
+
 
 class Placeholder:
-    """Stand-in for any class or function a pickle names outside the allow-list. Records, never runs."""
+    """Stand-in for any class or function a pickle names outside the allow-list. Records, never runs.
 
+    Slots only: a pickle cannot give it attributes (so nothing makes it array-like); BUILD stores the state
+    once, as data, for inspect to read a module's tree, parameters and eps from.
+    """
+
+    __slots__ = ("_args", "_state", "_items", "_list")
     qualname = "?"
 
     def __new__(cls, *args, **kwargs):
@@ -61,7 +251,15 @@ class Placeholder:
     def __init__(self, *args, **kwargs):
         pass
 
+    def __setattr__(self, name, value):
+        raise AttributeError("placeholders are immutable")
+
+    def __delattr__(self, name):
+        raise AttributeError("placeholders are immutable")
+
     def __setstate__(self, state):
+        if self._state is not None:
+            raise PickleRefused(f"the pickle sets the state of one {self.qualname} twice; the file is crafted")
         object.__setattr__(self, "_state", state)
 
     def __call__(self, *args, **kwargs):
@@ -84,99 +282,84 @@ class Placeholder:
 class _Result(Placeholder):
     """What calling a placeholder instance returns: a record of the call, nothing more."""
 
+    __slots__ = ()
     qualname = "<call>"
 
 
-class StorageType:
-    """A torch storage class named in a pickle (``torch.FloatStorage``), kept as data."""
+class StateDict(collections.OrderedDict):
+    """The OrderedDict the allow-list builds. torch sets one piece of state on a state dict, its
+    ``_metadata`` (module name -> {"version": N}): that is accepted, as validated plain data, and nothing else."""
 
-    def __init__(self, name: str):
-        self.name = name
-
-
-@dataclass
-class StorageRef:
-    """Where a storage's bytes live; ``reader(dtype, numel)`` returns them as a numpy array (lazily)."""
-
-    key: str
-    dtype: str
-    numel: int
-    reader: Callable[["StorageRef"], np.ndarray] | None = None
-
-    def array(self) -> np.ndarray:
-        if self.reader is None:
-            raise ValueError(f"storage {self.key} has no data")
-        return self.reader(self)
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or set(state) != {"_metadata"} or "_metadata" in self.__dict__:
+            raise PickleRefused("the pickle sets state (BUILD) other than _metadata on an OrderedDict; "
+                                "torch never writes that: the file is crafted or corrupt")
+        self.__dict__["_metadata"] = _checked_metadata(state["_metadata"])
 
 
-@dataclass
-class LazyArray:
-    """A tensor described by a file: shape, dtype and where its bytes are; read on ``load()``."""
-
-    storage: StorageRef | None
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: str
-    array_: np.ndarray | None = None  # set when the bytes are already in memory
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    def load(self) -> np.ndarray:
-        """Read the tensor's values (a copy; bfloat16 widened to float32)."""
-        if self.array_ is not None:
-            return self.array_
-        if self.storage is None:
-            raise ValueError("tensor has no storage")
-        base = self.storage.array()
-        if self.numel == 0:
-            return np.zeros(self.shape, dtype=_numpy_dtype(self.dtype))
-        last = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
-        if self.offset < 0 or last >= base.size or any(st < 0 for st in self.stride):
-            raise ValueError("tensor extends past the end of its storage")
-        item = base.itemsize
-        view = np.lib.stride_tricks.as_strided(
-            base[self.offset:], shape=self.shape, strides=tuple(st * item for st in self.stride), writeable=False)
-        out = np.array(view)
-        if self.dtype == "bfloat16":
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        return out
+def _checked_metadata(meta) -> collections.OrderedDict:
+    if not isinstance(meta, dict):
+        raise PickleRefused("a state dict's _metadata is not a dict")
+    out = collections.OrderedDict()
+    for name, local in meta.items():
+        if not isinstance(name, str) or not isinstance(local, dict):
+            raise PickleRefused("a state dict's _metadata maps something other than module names to dicts")
+        entry = {}
+        for k, v in local.items():
+            if not isinstance(k, str) or not (v is None or type(v) in (bool, int, float, str)):
+                raise PickleRefused(f"a state dict's _metadata for {name!r:.60} holds a value that is not plain "
+                                    "data")
+            entry[k] = v
+        out[name] = entry
+    return out
 
 
-def _numpy_dtype(name: str) -> np.dtype:
-    return np.dtype("uint16" if name == "bfloat16" else name)
+def state_dict_metadata(obj) -> dict | None:
+    """The ``_metadata`` the pickle set on this state dict (validated), or None."""
+    return obj.__dict__.get("_metadata") if isinstance(obj, StateDict) else None
 
+
+class _Safe(Record):
+    """An allow-listed global: an immutable callable around a pure function of this module."""
+
+    __slots__ = ("fn", "qualname")
+
+    def __init__(self, fn, qualname: str):
+        self._init(fn=fn, qualname=qualname)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<allowed {self.qualname}>"
+
+
+# --------------------------------------------------------------------------------------------- allow-list
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_rest):
-    if not isinstance(storage, StorageRef):
-        raise pickle.UnpicklingError("tensor without a storage")
-    return LazyArray(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride),
-                     storage.dtype)
+    return checked_tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype=None,
-                       metadata=None):
-    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
-    if isinstance(dtype, str) and dtype in TORCH_DTYPE_STORAGE:
-        tensor.dtype = STORAGE_DTYPES[TORCH_DTYPE_STORAGE[dtype]][0]
-    return tensor
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       dtype=None, metadata=None):
+    name = None
+    if dtype is not None:
+        if not (isinstance(dtype, str) and dtype in TORCH_DTYPE_STORAGE):
+            raise PickleRefused(f"a tensor record names an unknown dtype {dtype!r:.40}")
+        name = STORAGE_DTYPES[TORCH_DTYPE_STORAGE[dtype]][0]
+    return checked_tensor(storage, storage_offset, size, stride, name)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_rest):
+    if not isinstance(data, LazyArray):
+        raise PickleRefused("a parameter record holds no tensor")
     return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    return func(*args) if callable(func) and not isinstance(func, type) else Placeholder(args)
+    if isinstance(func, _Safe) and isinstance(args, tuple):
+        return func(*args)
+    return _Result(func, args)
 
 
 def _identity(value, *_rest):
@@ -186,11 +369,13 @@ def _identity(value, *_rest):
 def _encode(text, encoding="latin1"):
     # protocol-2 pickles spell bytes as _codecs.encode(str, "latin1"); allow only that, not any codec lookup
     if encoding not in ("latin1", "latin-1", "utf-8", "utf8") or not isinstance(text, str):
-        raise pickle.UnpicklingError("unsupported codec in pickle")
+        raise PickleRefused("unsupported codec in pickle")
     return text.encode(encoding)
 
 
 def _build_set(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise PickleRefused("a set built from something other than a list")
     try:
         return set(items)
     except TypeError:
@@ -198,29 +383,52 @@ def _build_set(items=()):
 
 
 def _build_frozenset(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise PickleRefused("a frozenset built from something other than a list")
     try:
         return frozenset(items)
     except TypeError:
         return list(items)
 
 
+def _ordered_dict(items=()):
+    if items != ():
+        raise PickleRefused("an OrderedDict built with arguments; torch never writes that")
+    return StateDict()
+
+
 def _torch_size(dims=()):
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims):
+        raise PickleRefused("a torch.Size of something other than integers")
     return tuple(dims)
 
 
 def _torch_device(*args):
+    if len(args) > 2 or not all(type(a) in (str, int) and len(str(a)) < 64 for a in args):
+        raise PickleRefused("a torch.device of something other than a name and an index")
     return ":".join(str(a) for a in args)
 
 
-# (module, name) -> the pure function or marker that stands for it.
-SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+def _slice(*args):
+    if len(args) > 3 or not all(a is None or type(a) is int for a in args):
+        raise PickleRefused("a slice of something other than integers")
+    return slice(*args)
+
+
+def _complex(real=0.0, imag=0.0):
+    if type(real) not in (int, float) or type(imag) not in (int, float):
+        raise PickleRefused("a complex number of something other than numbers")
+    return complex(real, imag)
+
+
+_ALLOWED: dict[tuple[str, str], Callable] = {
+    ("collections", "OrderedDict"): _ordered_dict,
     ("builtins", "set"): _build_set,
     ("__builtin__", "set"): _build_set,
     ("builtins", "frozenset"): _build_frozenset,
     ("__builtin__", "frozenset"): _build_frozenset,
-    ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex,
+    ("builtins", "slice"): _slice,
+    ("builtins", "complex"): _complex,
     ("_codecs", "encode"): _encode,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -235,10 +443,280 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 # TorchScript's pickler wraps lists and tags types with these; they are identities for our purposes.
 for _name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_list",
               "restore_type_tag"):
-    SAFE_GLOBALS[("torch.jit._pickle", _name)] = _identity
+    _ALLOWED[("torch.jit._pickle", _name)] = _identity
+
+# (module, name) -> the immutable callable that stands for it
+SAFE_GLOBALS: dict[tuple[str, str], _Safe] = {key: _Safe(fn, ".".join(key)) for key, fn in _ALLOWED.items()}
+
+
+# ----------------------------------------------------------------------------------------- the opcode walk
+
+# Opcodes no torch format needs: the extension registry (EXT*: copyreg lookups by number), out-of-band
+# buffers (protocol 5), text persistent ids (torch writes BINPERSID), and protocol-0/1 instantiation.
+FORBIDDEN_OPCODES = {
+    "EXT1": "extension-registry", "EXT2": "extension-registry", "EXT4": "extension-registry",
+    "NEXT_BUFFER": "out-of-band buffer", "READONLY_BUFFER": "out-of-band buffer",
+    "PERSID": "text persistent id", "INST": "INST instantiation", "OBJ": "OBJ instantiation",
+}
+_MODIFIERS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_ARITY = {}
+for _op in pickletools.opcodes:
+    _before = [s.name for s in _op.stack_before]
+    _ARITY[_op.name] = (sum(1 for s in _before if s not in ("mark", "stackslice")), "stackslice" in _before,
+                        len(_op.stack_after))
+# What one new object costs against the budget, in references (a container is ~8 pointers of memory).
+_OBJECT_COST = 8
+
+
+class PickleWalk:
+    """What one opcode walk found: the globals in order of first appearance, and the stream's span."""
+
+    __slots__ = ("globals", "start", "end", "persistent_ids")
+
+    def __init__(self, globals_: list[str], start: int, end: int, persistent_ids: int):
+        self.globals, self.start, self.end, self.persistent_ids = globals_, start, end, persistent_ids
+
+
+# How each opcode is handled by the walk: one table indexed by the opcode byte, built from pickletools'
+# descriptions (so argument sizes are the format's own). Categories:
+_GENERIC, _GET, _PUT, _MEMOIZE, _MARK, _POP_MARK, _DUP, _FRAME, _MODIFY, _STACK_GLOBAL, _STOP, _FORBIDDEN,     _GLOBAL, _PROTO = range(14)
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+_TABLE: list = [None] * 256
+for _op in pickletools.opcodes:
+    _n_pop, _slice, _n_push = _ARITY[_op.name]
+    _cat = (_FORBIDDEN if _op.name in FORBIDDEN_OPCODES else _GET if _op.name in _GETS else
+            _PUT if _op.name in _PUTS else _MODIFY if _op.name in _MODIFIERS else
+            {"MEMOIZE": _MEMOIZE, "MARK": _MARK, "POP_MARK": _POP_MARK, "DUP": _DUP, "FRAME": _FRAME,
+             "STACK_GLOBAL": _STACK_GLOBAL, "STOP": _STOP, "GLOBAL": _GLOBAL, "PROTO": _PROTO}.get(_op.name,
+                                                                                                    _GENERIC))
+    _TABLE[ord(_op.code)] = (_op.name, _cat, _op.arg.n if _op.arg is not None else None, _n_pop, _slice, _n_push,
+                             _op.name in _STRING_OPS, _op.name in ("APPENDS", "SETITEMS", "ADDITEMS"),
+                             2 if _op.name == "SETITEM" else 1)
+_LENGTH_BYTES = {-2: 1, -3: 4, -4: 4, -5: 8}
+
+
+def _buffer(stream) -> tuple[Any, int, int]:
+    """(bytes-like view of the whole stream, position, length) without copying where the stream allows."""
+    pos = stream.tell()
+    if isinstance(stream, io.BytesIO):
+        buf = stream.getvalue()  # one copy of the pickle: bytes can be searched and sliced cheaply
+        return buf, pos, len(buf)
+    mm = getattr(stream, "mm", None)  # the reader's mmap-backed stream
+    if mm is not None:
+        return mm, pos, len(mm)
+    data = stream.read()
+    stream.seek(pos)
+    return data, 0, len(data)
+
+
+def walk_pickle(stream, limits: Limits = DEFAULT_LIMITS, size: int | None = None) -> PickleWalk:
+    """Check one pickle from ``stream``'s position to its STOP without building anything; leave the stream
+    at the STOP's end. Raises PickleRefused or LimitExceeded naming what was wrong.
+
+    The opcodes are decoded here (argument sizes from pickletools' descriptions), in one pass: every length
+    is checked against the stream's end before it is used, so nothing is read or allocated past the data.
+    """
+    buf, pos, end = _buffer(stream)
+    base_offset = stream.tell() - pos  # 0 except for streams read into a copy
+    start = pos
+    return _walk(buf, pos, end, limits, stream, base_offset, start)
+
+
+def _walk(buf, pos: int, end: int, limits: Limits, stream, base_offset: int, start: int) -> PickleWalk:
+    # compact arrays: the walk's own memory stays a few bytes per object the pickle would build
+    depth = array.array("l")      # node -> nesting depth
+    strings: dict[int, str] = {}  # node -> value, for short strings (what STACK_GLOBAL may take)
+    stack = array.array("l")
+    marks: list[int] = []
+    memo = array.array("l")       # memo index -> node (indices are dense: a write past the end is refused)
+    found: dict[str, None] = {}
+    cost = 0
+    pids = 0
+    max_depth = limits.pickle_depth
+    budget_base, per_byte = limits.pickle_items_base, limits.pickle_items_per_byte
+    table = _TABLE
+    from_bytes = int.from_bytes
+
+    def too_deep():
+        return LimitExceeded("the pickle nests containers deeper than allowed", "pickle_depth", max_depth)
+
+    def malformed(why: str):
+        return PickleRefused(f"the pickle is malformed ({why} at byte {pos - start})")
+
+    while True:
+        if pos >= end:
+            raise PickleRefused("the pickle ends before its STOP opcode; the file is truncated")
+        entry = table[buf[pos]]
+        if entry is None:
+            raise malformed(f"unknown opcode {buf[pos]:#04x}")
+        name, cat, argn, n_pop, slice_, n_push, is_string, pops_mark, n_modify = entry
+        pos += 1
+        # ---- the argument
+        arg = None
+        if argn is not None:
+            if argn >= 0:
+                if pos + argn > end:
+                    raise malformed(f"{name} argument past the end")
+                if cat in (_GET, _PUT, _PROTO, _FRAME):
+                    arg = from_bytes(buf[pos:pos + argn], "little")
+                pos += argn
+            elif argn == -1:
+                eol = _find_newline(buf, pos, end)
+                if eol < 0:
+                    raise malformed(f"{name} line without an end")
+                if cat == _GLOBAL:
+                    eol2 = _find_newline(buf, eol + 1, end)
+                    if eol2 < 0:
+                        raise malformed("GLOBAL without its second line")
+                    arg = (bytes(buf[pos:eol]).decode("utf-8", "replace") + "."
+                           + bytes(buf[eol + 1:eol2]).decode("utf-8", "replace"))
+                    eol = eol2
+                elif cat in (_GET, _PUT):
+                    try:
+                        arg = int(bytes(buf[pos:eol]))
+                    except ValueError:
+                        raise malformed(f"{name} index is not a number") from None
+                elif is_string and eol - pos <= 256:
+                    arg = bytes(buf[pos:eol]).decode("raw-unicode-escape", "replace")
+                pos = eol + 1
+            else:
+                width = _LENGTH_BYTES[argn]
+                if pos + width > end:
+                    raise malformed(f"{name} length past the end")
+                length = from_bytes(buf[pos:pos + width], "little", signed=argn == -3)
+                pos += width
+                if length < 0 or pos + length > end:
+                    raise malformed(f"{name} of {length} bytes past the end")
+                if is_string and length <= 256:
+                    arg = bytes(buf[pos:pos + length]).decode("utf-8", "replace")
+                pos += length
+        # ---- what it does to the stack
+        fence = marks[-1] if marks else 0
+        if cat == _GENERIC:
+            if n_pop > len(stack) - fence:
+                raise malformed(f"{name} takes more than the stack holds")
+            if n_pop:
+                items = stack[len(stack) - n_pop:]
+                del stack[len(stack) - n_pop:]
+            else:
+                items = ()
+            if slice_:
+                if not marks:
+                    raise malformed(f"{name} without a mark")
+                items = stack[marks[-1]:] + array.array("l", items)
+                del stack[marks.pop():]
+            if name == "BINPERSID":
+                pids += 1
+            d = max([depth[i] for i in items], default=0) + 1
+            if d > max_depth:
+                raise too_deep()
+            for _ in range(n_push):
+                depth.append(d)
+                node = len(depth) - 1
+                if arg is not None and is_string:
+                    strings[node] = arg
+                stack.append(node)
+            cost += len(items) + 8 * n_push
+        elif cat == _GET:
+            if not 0 <= arg < len(memo):
+                raise PickleRefused(f"the pickle reads memo entry {arg} before writing it; it is crafted or "
+                                    "corrupt")
+            stack.append(memo[arg])
+            cost += 1
+        elif cat == _PUT or cat == _MEMOIZE:
+            if len(stack) <= fence:
+                raise malformed("a memo write with nothing to write")
+            index = len(memo) if cat == _MEMOIZE else arg
+            if index > len(memo) or index < 0:
+                raise PickleRefused(f"the pickle writes memo entry {index} after only {len(memo)} entries; "
+                                    "it is crafted or corrupt")
+            if index == len(memo):
+                memo.append(stack[-1])
+            else:
+                memo[index] = stack[-1]
+            cost += 1
+        elif cat == _MARK:
+            if len(marks) >= max_depth:
+                raise LimitExceeded("the pickle nests marks deeper than allowed", "pickle_depth", max_depth)
+            marks.append(len(stack))
+        elif cat == _POP_MARK:
+            if not marks:
+                raise malformed("POP_MARK without a mark")
+            del stack[marks.pop():]
+        elif cat == _DUP:
+            if len(stack) <= fence:
+                raise malformed("DUP of nothing")
+            stack.append(stack[-1])
+            cost += 1
+        elif cat == _MODIFY:
+            if pops_mark:
+                if not marks:
+                    raise malformed(f"{name} without a mark")
+                items = stack[marks[-1]:]
+                del stack[marks.pop():]
+            else:
+                if n_modify > len(stack) - fence:
+                    raise malformed(f"{name} takes more than the stack holds")
+                items = stack[len(stack) - n_modify:]
+                del stack[len(stack) - n_modify:]
+            if not stack or (marks and len(stack) <= marks[-1]):
+                raise malformed(f"{name} has no object to add to")
+            target = stack[-1]
+            if items:
+                deepest = max(depth[i] for i in items) + 1
+                if deepest > depth[target]:
+                    if deepest > max_depth:
+                        raise too_deep()
+                    depth[target] = deepest
+            cost += len(items)
+        elif cat == _STACK_GLOBAL:
+            if len(stack) - fence < 2:
+                raise malformed("STACK_GLOBAL takes more than the stack holds")
+            module, qual = stack[-2], stack[-1]
+            del stack[-2:]
+            if module not in strings or qual not in strings:
+                raise PickleRefused("the pickle names a global through something other than two strings; "
+                                    "it is crafted")
+            found.setdefault(f"{strings[module]}.{strings[qual]}")
+            depth.append(1)
+            stack.append(len(depth) - 1)
+            cost += 8
+        elif cat == _GLOBAL:
+            found.setdefault(arg)
+            depth.append(1)
+            stack.append(len(depth) - 1)
+            cost += 8
+        elif cat == _FRAME:
+            if arg > end - pos:
+                raise PickleRefused(f"the pickle declares a frame of {arg} bytes past its end; it is corrupt")
+        elif cat == _PROTO:
+            if arg > 5:
+                raise PickleRefused(f"the pickle claims protocol {arg}; it is corrupt")
+        elif cat == _STOP:
+            if len(stack) <= fence:
+                raise malformed("STOP with an empty stack")
+            break
+        else:  # _FORBIDDEN
+            raise PickleRefused(f"the pickle uses {name} ({FORBIDDEN_OPCODES[name]}), which no torch file "
+                                "needs; the file is crafted")
+        if cost > budget_base + per_byte * (pos - start):
+            raise LimitExceeded(f"the pickle builds {cost} objects and references from {pos - start} bytes",
+                                "pickle_items_per_byte", per_byte)
+    stream.seek(base_offset + pos)
+    return PickleWalk(list(found), base_offset + start, base_offset + pos, pids)
+
+
+def _find_newline(buf, pos: int, end: int) -> int:
+    return buf.find(b"\n", pos, end)
+
+
+# ------------------------------------------------------------------------------------------- the unpickler
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickle with placeholders for every non-allow-listed global; collect what was named."""
+    """Unpickle with placeholders for every non-allow-listed global; collect what was named. Only ever fed
+    a stream that :func:`walk_pickle` accepted (see :func:`safe_load`)."""
 
     def __init__(self, file: io.BufferedIOBase, persistent_load: Callable[[Any], Any] | None = None):
         super().__init__(file)
@@ -258,19 +736,35 @@ class SafeUnpickler(pickle.Unpickler):
             return name  # a torch.dtype object, kept as its name
         cls = self._placeholders.get(qualname)
         if cls is None:
-            cls = type(name if name.isidentifier() else "Placeholder", (Placeholder,), {"qualname": qualname})
+            cls = type(name if name.isidentifier() else "Placeholder", (Placeholder,),
+                       {"qualname": qualname, "__slots__": ()})
             self._placeholders[qualname] = cls
         return cls
 
     def persistent_load(self, pid):
         if self._persistent is None:
-            raise pickle.UnpicklingError("pickle refers to external storage but the file has none")
+            raise PickleRefused("the pickle refers to external storage but the file has none")
         return self._persistent(pid)
 
     @property
     def unsafe_globals(self) -> list[str]:
         """Globals that a real unpickler would import and could run (classes, functions)."""
         return [g for g in self.globals_seen if is_unsafe_global(g)]
+
+
+def safe_load(stream, persistent_load: Callable[[Any], Any] | None = None, limits: Limits = DEFAULT_LIMITS,
+              size: int | None = None) -> tuple[Any, SafeUnpickler, PickleWalk]:
+    """Walk the next pickle in ``stream``, then unpickle exactly those bytes; the stream ends after them."""
+    walk = walk_pickle(stream, limits, size)
+    stream.seek(walk.start)
+    data = stream.read(walk.end - walk.start)
+    stream.seek(walk.end)
+    unpickler = SafeUnpickler(io.BytesIO(data), persistent_load)
+    try:
+        value = unpickler.load()
+    except RecursionError:
+        raise LimitExceeded("the pickle nests too deeply", "pickle_depth", limits.pickle_depth) from None
+    return value, unpickler, walk
 
 
 def is_unsafe_global(qualname: str) -> bool:
@@ -282,24 +776,26 @@ def is_unsafe_global(qualname: str) -> bool:
     return not (module == "torch" and (name in STORAGE_DTYPES or name in TORCH_DTYPE_STORAGE))
 
 
-def storage_from_pid(pid, reader: Callable[[StorageRef], np.ndarray]) -> StorageRef:
-    """Turn a torch persistent id ``('storage', type, key, location, numel[, view])`` into a StorageRef."""
-    if not isinstance(pid, tuple) or len(pid) < 5:
-        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-    typename = pid[0].decode() if isinstance(pid[0], bytes) else pid[0]
+def storage_from_pid(pid, reader: Callable[[StorageRef], np.ndarray], limits: Limits = DEFAULT_LIMITS) -> StorageRef:
+    """Turn a torch persistent id ``('storage', type, key, location, numel[, None])`` into a StorageRef;
+    anything else is refused."""
+    if not isinstance(pid, tuple) or len(pid) not in (5, 6):
+        raise PickleRefused(f"the pickle uses a persistent id that is not a torch storage record ({pid!r:.80})")
+    typename = pid[0].decode("latin1") if isinstance(pid[0], bytes) else pid[0]
     if typename != "storage":
-        raise pickle.UnpicklingError(f"unsupported persistent id kind {typename!r:.40}")
-    storage_type, key, numel = pid[1], pid[2], pid[4]
+        raise PickleRefused(f"the pickle uses a persistent id of kind {typename!r:.40}; torch writes only "
+                            "storage records")
+    storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
     if isinstance(storage_type, StorageType):
         dtype = STORAGE_DTYPES[storage_type.name][0]
     elif isinstance(storage_type, str) and storage_type in TORCH_DTYPE_STORAGE:
         dtype = STORAGE_DTYPES[TORCH_DTYPE_STORAGE[storage_type]][0]
     else:
-        raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r:.60}")
-    if not isinstance(numel, int) or numel < 0:
-        raise pickle.UnpicklingError("storage with a bad element count")
-    return StorageRef(str(key), dtype, numel, reader)
-
-
-def element_size(dtype: str) -> int:
-    return _numpy_dtype(dtype).itemsize
+        raise PickleRefused(f"a storage record names an unknown storage type {storage_type!r:.60}")
+    if not isinstance(key, str) or not 0 < len(key) <= 64 or not isinstance(location, str) or len(location) > 64:
+        raise PickleRefused(f"a storage record has a malformed key or location ({key!r:.40}, {location!r:.40})")
+    if type(numel) is not int or not 0 <= numel <= MAX_TENSOR_INT:
+        raise PickleRefused(f"storage {key} has a bad element count {numel!r:.40}")
+    if len(pid) == 6 and pid[5] is not None:
+        raise PickleRefused(f"storage {key} is a legacy storage view, which normcli does not read")
+    return StorageRef(key, dtype, numel, reader, limits)

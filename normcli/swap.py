@@ -122,6 +122,29 @@ def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[st
     return frn.train(bn.training)
 
 
+# MABN keeps real_B // B steps of statistics per layer ((real_B // B, C) buffers): the paper's settings use a
+# few dozen; this bound keeps a typo (or a stored option) from asking for gigabytes.
+MAX_MABN_WINDOW = 4096
+MAX_WARMUP_ITERS = 10 ** 9
+# Elements of one probe input (swap's drift and train checks): 1x3x2048x2048 fits, a 6000x6000 image does not.
+MAX_PROBE_ELEMENTS = 2 ** 24
+MAX_PROBE_DIMS = 8
+
+
+def check_probe_shape(shape: Sequence[int]) -> None:
+    """A probe input shape must be positive ints of bounded size (the same bound for the command line and for
+    options stored in a file)."""
+    if not 1 <= len(shape) <= MAX_PROBE_DIMS or any(type(d) is not int or d < 1 for d in shape):
+        raise NormcliError(f"input shape {list(shape)[:MAX_PROBE_DIMS + 1]} is not 1 to {MAX_PROBE_DIMS} positive "
+                           "integers")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > MAX_PROBE_ELEMENTS:
+        raise NormcliError(f"input shape {list(shape)} has {numel} elements, more than the {MAX_PROBE_ELEMENTS} a "
+                           "probe input may have; give a smaller shape (the checks only need a few samples)")
+
+
 def _validate_mabn(options: Mapping[str, Any]) -> None:
     B, real_B = options["B"], options["real_B"]
     for key in ("B", "real_B", "warmup_iters"):
@@ -132,8 +155,22 @@ def _validate_mabn(options: Mapping[str, Any]) -> None:
             f"swap --to mabn: real_B must be a positive multiple of B (got B={B}, real_B={real_B}); MABN averages "
             f"the statistics of real_B // B steps"
         )
+    if real_B // B > MAX_MABN_WINDOW:
+        raise NormcliError(f"swap --to mabn: real_B // B = {real_B // B} steps of statistics per layer is more than "
+                           f"{MAX_MABN_WINDOW}; choose real_B closer to B")
+    if options["warmup_iters"] > MAX_WARMUP_ITERS:
+        raise NormcliError(f"swap --to mabn: warmup_iters {options['warmup_iters']} is more than {MAX_WARMUP_ITERS}")
+    if isinstance(options["momentum"], bool) or not isinstance(options["momentum"], (int, float)):
+        raise NormcliError(f"swap --to mabn: momentum must be a number, got {options['momentum']!r}")
     if not 0.0 <= float(options["momentum"]) < 1.0:
         raise NormcliError(f"swap --to mabn: momentum must be in [0, 1), got {options['momentum']!r}")
+    if not isinstance(options["cenconv"], bool):
+        raise NormcliError(f"swap --to mabn: cenconv must be true or false, got {options['cenconv']!r}")
+
+
+def _validate_frn(options: Mapping[str, Any]) -> None:
+    if not isinstance(options["learnable_eps"], bool):
+        raise NormcliError(f"swap --to frn: learnable_eps must be true or false, got {options['learnable_eps']!r}")
 
 
 def _convert_mabn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
@@ -253,6 +290,7 @@ SWAP_TARGETS: dict[str, SwapTarget] = {
         summary="Filter Response Normalization + TLU (Singh & Krishnan, 2020); absorbs the ReLU after each BN",
         defaults={"learnable_eps": False},
         convert=_convert_frn,
+        validate=_validate_frn,
         absorbs_relu=True,
     ),
     "mabn": SwapTarget(
@@ -521,6 +559,8 @@ def swap_norms(
         m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))]
 
     shape = list(input_shape) if input_shape is not None else None
+    if shape is not None:
+        check_probe_shape(shape)
     if shape is None:
         try:
             guessed, source = infer_input_shape(model)

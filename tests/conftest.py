@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,34 @@ def assert_onnx_parity(model, x, tmp_path, atol=1e-4, rtol=1e-3):
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+_PEAK_RSS_RUNNER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}, f)
+"""
+
+
+def run_with_peak_rss(argv: list[str], cwd: Path = ROOT, timeout: float = 300) -> tuple[int, str, str, float, float]:
+    """Run ``argv``; returns (exit status, stdout, stderr, the command's own peak RSS in MB, seconds).
+
+    A death by signal is a negative status. The command is started by a small Python process: on Linux a
+    child's peak-RSS counter starts from the memory of the process that forked it, so a child forked from this
+    (large) test process would report this process's size, not its own.
+    """
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        report = Path(d) / "rss.json"
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(report), *map(str, argv)],
+                              capture_output=True, text=True, cwd=cwd, timeout=timeout)
+        seconds = time.monotonic() - start
+        result = json.loads(report.read_text())
+    return result["status"], proc.stdout, proc.stderr, result["maxrss_kb"] / 1024, seconds

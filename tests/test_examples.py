@@ -50,3 +50,28 @@ def test_small_batch_quick_writes_plot_and_one_row_per_norm_and_batch_with_the_s
         assert abs(mean - sum(runs) / 2) < 1e-4
     # the table on stdout is the table in the file
     assert table.strip() in proc.stdout
+
+
+SWA_SCRIPT = ROOT / "examples" / "recalibrate_swa.py"
+
+
+@pytest.mark.slow
+def test_recalibrate_swa_quick_writes_plot_and_table_with_every_variant_over_the_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, str(SWA_SCRIPT), "--quick", "--seeds", "0", "1", "--out-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    png = (tmp_path / "out" / "recalibrate_swa.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "out" / "recalibrate_swa.md").read_text()
+    assert "seeds 0, 1" in table and "Measured on " in table
+    per_seed: dict = {}
+    for seed, label, value in re.findall(r"seed (\d) \| (.+?) \| ([\d.]+)", proc.stdout):
+        per_seed.setdefault(int(seed), {})[label] = value
+    assert set(per_seed) == {0, 1}
+    for label in ("last SGD model", "SWA, buffers kept by AveragedModel", "SWA + torch update_bn",
+                  "SWA + normcli recalibrate"):
+        values = [float(per_seed[s][label]) for s in (0, 1)]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        mean, low, high = map(float, re.search(r"([\d.]+) \(([\d.]+)-([\d.]+)\)", row).groups())
+        assert (low, high) == (min(values), max(values)) and abs(mean - sum(values) / 2) < 1e-4
+    assert not (ROOT / "examples" / "recalibrate_swa_out").exists()

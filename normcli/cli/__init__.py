@@ -15,6 +15,7 @@ from normcli._version import __version__
 from normcli.cli import fuse_export as fuse_export_cmd
 from normcli.cli import inspect as inspect_cmd
 from normcli.cli import parity as parity_cmd
+from normcli.cli import recalibrate as recalibrate_cmd
 from normcli.cli import scan as scan_cmd
 from normcli.cli import swap as swap_cmd
 
@@ -58,6 +59,7 @@ _command("scan", scan_cmd.scan)
 _command("swap", swap_cmd.swap)
 _command("fuse-export", fuse_export_cmd.fuse_export)
 _command("parity", parity_cmd.parity)
+_command("recalibrate", recalibrate_cmd.recalibrate)
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -106,6 +106,9 @@ UnsafeLoadOption = typer.Option(False, "--unsafe-load",
                                      "Only for files you trust.")
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
 DebugOption = typer.Option(False, "--debug", help="Show Python tracebacks on errors.", hidden=False)
+LimitOption = typer.Option(None, "--limit", metavar="NAME=VALUE",
+                           help="Raise one of the reader's limits for a trusted, unusually large file (repeatable; "
+                                "names and defaults in the README's safety model).")
 
 
 def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
+                                UnsafeLoadOption, cell,
                                 err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
@@ -59,6 +60,7 @@ def fuse_export(
     json_out: bool = JsonOption,
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    limit: Optional[List[str]] = LimitOption,
     debug: bool = DebugOption,
 ) -> None:
     """Fold BatchNorm into the convs next to it, export to ONNX and check it against the original in onnxruntime."""
@@ -85,10 +87,13 @@ def fuse_export(
         from normcli.parity import load_input_file
 
         from normcli.formats import open_checkpoint
+        from normcli.limits import parse_limits
 
         # opened and recognised once; the loader reads through this descriptor
-        loaded = load_model(open_checkpoint(path), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                            unsafe_load=unsafe_load)
+        limits = parse_limits(limit)
+        loaded = load_model(open_checkpoint(path, limits), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                            unsafe_load=unsafe_load,
+                            limits=limits)
         tensors = [load_input_file(f) for f in input_file or []]
         if tensors and shapes:
             raise NormcliError("give either --input or --input-shape, not both")

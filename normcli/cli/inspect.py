@@ -10,7 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
+                                UnsafeLoadOption, cell,
                                 jsonable, out_console, parse_arch_kwargs, print_json)
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -39,6 +40,7 @@ def inspect(
     tiny_direction_ratio: float = typer.Option(
         1e-3, "--tiny-direction-ratio",
         help="tiny-direction flags weight-norm slices with ||v|| < ratio * the layer's median ||v|| (or 0)."),
+    limit: Optional[List[str]] = LimitOption,
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
                                        help="Worker processes for several files (default: the number of cores)."),
     debug: bool = DebugOption,
@@ -47,6 +49,7 @@ def inspect(
     from normcli.discover import discover
     from normcli.errors import CheckFailed, NormcliError
     from normcli.inspection import Thresholds, fails, inspect_file, select_layers
+    from normcli.limits import parse_limits
 
     fail_on = fail_on.lower()
     if fail_on not in ("error", "warning", "never"):
@@ -66,7 +69,7 @@ def inspect(
         return _inspect_many(targets, job, json_out, fail_on, jobs)
     path = paths[0]
     report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
-                          thresholds=thresholds, unsafe_load=unsafe_load)
+                          thresholds=thresholds, unsafe_load=unsafe_load, limits=parse_limits(limit))
     detail = select_layers(report.layers, layer) if layer else []
     if layer and not detail:
         names = ", ".join(x.name for x in report.layers[:5]) or "none found"

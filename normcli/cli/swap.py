@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
+                                UnsafeLoadOption, cell,
                                 err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
 
 from normcli.swap import SWAP_TARGETS, resolve_options  # the registry itself imports no torch
@@ -45,6 +46,7 @@ def swap(
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     key: Optional[str] = typer.Option(None, "--key", help="Entry of a nested checkpoint that holds the weights."),
+    limit: Optional[List[str]] = LimitOption,
     debug: bool = DebugOption,
 ) -> None:
     """Replace BatchNorm with FRN + TLU, MABN, BatchNorm/SyncBatchNorm, FrozenBatchNorm or GroupNorm, and write it."""
@@ -68,12 +70,20 @@ def swap(
     if foreign:
         raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
     options = {k: v for k, v in given.items() if k in SWAP_TARGETS[to].defaults}
-    resolve_options(to, options)  # an impossible value fails here, before the model is loaded
+    # the same checks (and limits) as for options stored in a file, before anything is loaded
+    from normcli.swap import check_probe_shape
+
+    resolve_options(to, options)
+    if shape is not None:
+        check_probe_shape(list(shape))
 
     from normcli.formats import open_checkpoint
+    from normcli.limits import parse_limits
 
     # opened and recognised once; the loader reads through this descriptor
-    loaded = load_model(open_checkpoint(path), arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key)
+    limits = parse_limits(limit)
+    loaded = load_model(open_checkpoint(path, limits), arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load,
+                        key=key, limits=limits)
     if isinstance(loaded.model, torch.jit.ScriptModule):
         raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
                            "--arch instead")

@@ -1,0 +1,246 @@
+"""swap and fuse-export load state dicts through the safe reader: torch's loaders are never entered without
+--unsafe-load, the tensors are the file's (dtypes, views and shared storages as torch.load gives them), and a
+state dict's module versions (`_metadata`) survive every reader path, so version-dependent loading behaves
+as under torch.load."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SAMPLES
+
+ARCH = "samples/models.py:resnet_tiny"
+
+GUARD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    marker = Path(sys.argv[1])
+
+    def entered(*args, **kwargs):
+        marker.write_text("torch's loader was entered")
+        raise SystemExit(99)
+
+    import torch, torch.serialization, torch.jit, torch.export
+    torch.load = torch.serialization.load = entered
+    torch.jit.load = entered
+    torch.export.load = entered
+    from normcli.cli import main
+    main(sys.argv[2:])
+""")
+
+
+def run_guarded(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, Path]:
+    """The real CLI in a child whose torch.load / torch.jit.load / torch.export.load leave a marker and exit."""
+    marker = tmp_path / "entered"
+    proc = subprocess.run([sys.executable, "-c", GUARD, str(marker), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    return proc, marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra", [
+    ("resnet_tiny.pt", []), ("resnet_tiny_legacy.pt", []), ("resnet_tiny.safetensors", []),
+    ("resnet_tiny.ckpt", []), ("resnet_tiny_dp.pt", []), ("resnet_tiny_full.pt", ["--unsafe-load"]),
+])
+def test_swap_never_enters_torch_load(tmp_path, name, extra):
+    proc, marker = run_guarded(tmp_path, "swap", SAMPLES / name, "--to", "frn", "-o", tmp_path / "out.pt",
+                               "--arch", ARCH, *extra)
+    assert not marker.exists(), proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.slow
+def test_fuse_export_never_enters_torch_load(tmp_path):
+    proc, marker = run_guarded(tmp_path, "fuse-export", SAMPLES / "resnet_tiny.pt", "-o", tmp_path / "m.onnx",
+                               "--arch", ARCH, "--input-shape", "1,3,32,32")
+    assert not marker.exists(), proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_the_guard_sees_torch_load_under_unsafe_load(tmp_path):
+    """The control: a full pickle without --arch is torch.load'ed under --unsafe-load, and the guard sees it."""
+    proc, marker = run_guarded(tmp_path, "swap", SAMPLES / "resnet_tiny_full.pt", "--to", "frn", "-o",
+                               tmp_path / "out.pt", "--unsafe-load")
+    assert marker.exists() and proc.returncode == 99
+
+
+# ---------------------------------------------------------------------------------- tensors as torch gives
+
+@pytest.mark.parametrize("zipfile_format", [True, False], ids=["torch-zip", "legacy"])
+def test_tensors_match_torch_load_with_views_shared_storages_and_dtypes(tmp_path, zipfile_format):
+    import torch
+
+    from normcli.loading import _torch_state_dict
+    from normcli.reader import read_tensors
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(24, generator=g, dtype=torch.float64).float()
+    sd = {"a": base[:6], "b": base[4:16].view(3, 4), "c": base[4:16].view(3, 4).t(), "bf": base.to(torch.bfloat16),
+          "half": base.half(), "long": torch.arange(12).reshape(3, 4)[:, 1], "scalar": torch.tensor(7),
+          "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3),
+          "broadcast": torch.ones(1).expand(5, 4)}
+    path = tmp_path / "t.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=zipfile_format)
+    ref = torch.load(path, weights_only=True)
+    got = _torch_state_dict(read_tensors(path))
+    assert list(got) == list(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype, k
+        assert got[k].shape == ref[k].shape and got[k].stride() == ref[k].stride(), k
+        assert torch.equal(got[k], ref[k]), k
+    # one storage per file storage: views of one tensor still share it, as under torch.load
+    assert got["a"].untyped_storage().data_ptr() == got["b"].untyped_storage().data_ptr()
+    assert got["b"].untyped_storage().data_ptr() == got["c"].untyped_storage().data_ptr()
+    assert got["broadcast"].stride() == (0, 0)  # repeated, not materialised
+
+
+# ------------------------------------------------------------------------------------------ module versions
+
+VERSIONED = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Gain(nn.Module):
+        """Version 1 called its parameter `gain`; version 2 `scale`. A state dict without a version is refused."""
+
+        _version = 2
+
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            version = local_metadata.get("version")
+            if version is None:
+                raise ValueError("state dict without module versions")
+            if version < 2 and prefix + "gain" in state_dict:
+                state_dict[prefix + "scale"] = state_dict.pop(prefix + "gain")
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Gain()
+            self.bn = nn.BatchNorm2d(3)
+
+
+    def net():
+        return Net()
+''')
+
+
+def _old_state_dict(module, prefix: str = ""):
+    """``module.state_dict()`` as version 1 wrote it: `gain` for `scale`, BatchNorm version 1 (no
+    num_batches_tracked), the metadata kept."""
+    import torch
+
+    sd = module.state_dict()
+    meta = sd._metadata
+    out = collections.OrderedDict()
+    for k, v in sd.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        out[k.replace("body.scale", "body.gain")] = v.detach().clone() + (1.0 if k.endswith("scale") else 0.0)
+    out._metadata = collections.OrderedDict((k, dict(v)) for k, v in meta.items())
+    for k in out._metadata:
+        if k.endswith("body") or k.endswith("bn"):
+            out._metadata[k]["version"] = 1
+    return out
+
+
+def _files(tmp_path: Path) -> dict[str, tuple[Path, str | None]]:
+    """name -> (file, prefix the reader strips): every torch reader path with a state dict that has metadata."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        versioned = importlib.import_module("versioned")
+    finally:
+        sys.path.remove(str(tmp_path))
+    plain = _old_state_dict(versioned.net())
+    dp = _old_state_dict(nn.DataParallel(versioned.net()))
+    files = {}
+    torch.save(plain, tmp_path / "zip.pt")
+    files["torch-zip"] = tmp_path / "zip.pt"
+    torch.save(plain, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    files["legacy"] = tmp_path / "legacy.pt"
+    torch.save({"state_dict": dp, "epoch": 3}, tmp_path / "nested_dp.ckpt")
+    files["nested-dataparallel"] = tmp_path / "nested_dp.ckpt"
+    compiled = collections.OrderedDict((f"_orig_mod.{k}", v) for k, v in plain.items())
+    compiled._metadata = collections.OrderedDict(
+        (f"_orig_mod.{k}" if k else "_orig_mod", v) for k, v in plain._metadata.items())
+    compiled._metadata[""] = {"version": 1}
+    compiled._metadata.move_to_end("", last=False)
+    torch.save(compiled, tmp_path / "compiled.pt")
+    files["compiled"] = tmp_path / "compiled.pt"
+    return files
+
+
+@pytest.fixture
+def versioned(tmp_path):
+    (tmp_path / "versioned.py").write_text(VERSIONED)
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "legacy", "nested-dataparallel", "compiled"])
+def test_module_versions_survive_every_reader_path(versioned, kind):
+    import torch
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    from normcli.loading import load_model
+    from normcli.reader import read_tensors
+
+    path = _files(versioned)[kind]
+    tf = read_tensors(path)
+    assert tf.metadata is not None
+    assert tf.metadata["body"]["version"] == 1 and tf.metadata["bn"]["version"] == 1
+    assert "" in tf.metadata and not any(k.startswith(("module", "_orig_mod")) for k in tf.metadata)
+
+    loaded = load_model(path, arch=f"{versioned}/versioned.py:net")
+    # the same file through torch.load and torch's own prefix removal
+    sys.path.insert(0, str(versioned))
+    try:
+        import versioned as module
+    finally:
+        sys.path.remove(str(versioned))
+    raw = torch.load(path, weights_only=True)
+    raw = raw["state_dict"] if "state_dict" in raw else raw
+    for prefix in ("module.", "_orig_mod."):
+        consume_prefix_in_state_dict_if_present(raw, prefix)
+    reference = module.net()
+    reference.load_state_dict(raw)
+    got, want = loaded.model.state_dict(), reference.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert torch.equal(got["body.scale"], torch.full((3,), 2.0))  # the renamed parameter's values
+    assert "bn.num_batches_tracked" in got  # BatchNorm version 1: added on load, as torch does
+
+
+def test_without_metadata_the_version_check_sees_none(versioned, tmp_path):
+    """The control: the same weights with `_metadata` removed fail in the module's own loading, so the tests
+    above pass only because the metadata was kept."""
+    import torch
+
+    from normcli.errors import NormcliError
+    from normcli.loading import load_model
+
+    path = _files(versioned)["torch-zip"]
+    sd = torch.load(path, weights_only=True)
+    del sd._metadata
+    torch.save(sd, tmp_path / "no_meta.pt")
+    with pytest.raises(NormcliError, match="state dict without module versions"):
+        load_model(tmp_path / "no_meta.pt", arch=f"{versioned}/versioned.py:net")
