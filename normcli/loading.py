@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from normcli.formats import detect_format
 from normcli.reader import TensorFile, read_tensors, _strip_wrapper_prefixes
 
 LIVE_FORMATS = ("full-pickle", "torchscript", "pt2")
+# a swap file's stored probe shapes are rebuilt as tensors: a crafted file must not make that allocate gigabytes
+MAX_STORED_PROBE_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -125,8 +128,22 @@ def _apply_swap(model, meta: dict, path):
     to = meta.get("to")
     if to not in SWAP_TARGETS or not isinstance(meta.get("options"), dict):
         raise NormcliError(f"{path}: its normcli_swap entry names no known swap target ({to!r})")
-    swapped, _ = swap_norms(model.eval(), to, include=meta.get("include"), exclude=meta.get("exclude"),
-                            input_shape=meta.get("input_shape"), **meta["options"])
+    options = dict(meta["options"])
+    if "include" not in options:  # written before the options held the selection and the probe shape
+        options.update(include=meta.get("include"), exclude=meta.get("exclude"), input_shape=meta.get("input_shape"))
+    stored = options.get("input_shapes")
+    if options.get("input_shape") is not None:
+        stored = [options["input_shape"]]
+    if stored is not None and (not isinstance(stored, list) or len(stored) > 64):
+        raise NormcliError(f"{path}: its normcli_swap entry holds input_shapes that are not a list of at most 64 "
+                           "shapes")
+    for shape in stored or []:
+        # the file chooses what the probe allocates: plain positive sizes, and not more than a probe needs
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                  for d in shape) or math.prod(shape) > MAX_STORED_PROBE_ELEMENTS:
+            raise NormcliError(f"{path}: its normcli_swap entry holds the probe shape {shape!r}, which is not a "
+                               f"list of positive sizes of at most {MAX_STORED_PROBE_ELEMENTS} elements")
+    swapped, _ = swap_norms(model.eval(), to, **options)
     return swapped
 
 
