@@ -606,8 +606,8 @@ def swap_norms(
                     f"the model does not run on inputs of shapes {raw} (from {source}) ({describe(exc)}); "
                     f"{inputs_hint(model, '--input' if source == 'inputs' else '--input-shape')}"
                 ) from exc
-            report.notes.append(f"the model did not run on the guessed input shape {shapes[0]}; "
-                                f"{inputs_hint(model)} to get eval_drift and train_check")
+            report.notes.append(f"the model did not run on the guessed input shape {shapes[0]}, so there is no "
+                                f"eval_drift or train_check; {inputs_hint(model)}")
             configs, shapes = None, None
     report.input_shapes = shapes
     report.input_shape = shapes[0] if shapes else None

@@ -38,7 +38,7 @@ def test_state_dict_round_trip(cli, samples, tmp_path, to, options):
     meta = saved["normcli_swap"]
     assert meta["to"] == to and meta["arch"] == ARCH
     # rebuild: the same arch, swap_norms with the stored options, then load the file's state dict strictly
-    rebuilt, _ = swap_norms(resnet_tiny().eval(), to, input_shape=meta["input_shape"], **meta["options"])
+    rebuilt, _ = swap_norms(resnet_tiny().eval(), meta["to"], **meta["options"])
     rebuilt.load_state_dict(saved["state_dict"], strict=True)
     original = resnet_tiny().eval()
     original.load_state_dict(torch.load(samples / "resnet_tiny.pt", weights_only=True))

@@ -57,6 +57,17 @@ def swap(
     from normcli.atomic import atomic_output, check_output_path
     from normcli.errors import CheckFailed, NormcliError
 
+    if to not in SWAP_TARGETS:
+        raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
+    target = SWAP_TARGETS[to]
+    given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
+             "momentum": momentum, "cenconv": cenconv, "groups": groups}
+    foreign = [k for k, v in given.items() if v is not None and k not in target.defaults]
+    if foreign:
+        raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
+    options = {k: v for k, v in given.items() if k in target.defaults}
+    resolve_options(to, options)  # an impossible value fails here, before the model is loaded
+
     fail_on = parse_fail_on(fail_on)
     check_inputs_first(path, *(input_file or []))
     out = check_output_path(output, inputs=(path, *(input_file or [])), force=force)
@@ -72,17 +83,6 @@ def swap(
     from normcli.parity import load_input_file
     from normcli.preflight import judge, model_findings
     from normcli.swap import selection_reason, swap_norms
-
-    if to not in SWAP_TARGETS:
-        raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
-    target = SWAP_TARGETS[to]
-    given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
-             "momentum": momentum, "cenconv": cenconv, "groups": groups}
-    foreign = [k for k, v in given.items() if v is not None and k not in target.defaults]
-    if foreign:
-        raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
-    options = {k: v for k, v in given.items() if k in target.defaults}
-    resolve_options(to, options)  # an impossible value fails here, before the model is loaded
 
     from normcli.formats import open_checkpoint
 
