@@ -185,6 +185,7 @@ def test_fail_on_warning_and_never(cli, samples, tmp_path):
     assert code == 2 and "--fail-on must be error, warning or never" in err
 
 
+@pytest.mark.slow
 def test_frn_is_stopped_only_by_statistics_it_keeps(run_normcli, samples, tmp_path):
     out = tmp_path / "u.pt"
     # every BatchNorm becomes FRN, which drops running statistics: their findings are shown, and it goes on
