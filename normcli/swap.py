@@ -121,8 +121,8 @@ def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[st
         if isinstance(bn, nn.BatchNorm1d) and learnable_eps:
             rank = 3  # FilterResponseNorm1d with learnable eps takes (N, C) and (N, C, L) alike
         else:
-            return ("its input rank is unknown (it did not run on the probe input): pass an input shape, "
-                    "or exclude it")
+            return ("its input rank is unknown: it did not run on the probe inputs (probe with inputs on which "
+                    "forward calls it, or exclude it)")
     if rank == 2 and not learnable_eps:
         return ("it normalises (N, C) inputs, where FRN degenerates to sign(x); pass learnable_eps=True to "
                 "swap it for FRN with a learnable eps")

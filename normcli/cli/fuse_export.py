@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import List, Optional
 
 import typer
@@ -72,8 +73,9 @@ def fuse_export(
         raise NormcliError(f"--exporter must be dynamo or torchscript, not {exporter!r}")
     if samples < 1:
         raise NormcliError(f"--samples must be at least 1, got {samples}")
-    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
-        raise NormcliError(f"--atol and --rtol must not be negative (got {atol}, {rtol})")
+    for name, value in (("--atol", atol), ("--rtol", rtol)):  # None: from the dtype; NaN compares False
+        if value is not None and not (value >= 0 and not math.isinf(value)):
+            raise NormcliError(f"--atol and --rtol must be finite and not negative (got {name} {value})")
     fail_on = parse_fail_on(fail_on)
     shapes = [parse_shape(s) for s in input_shape or []]
     if shapes and input_file:
