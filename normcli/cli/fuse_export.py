@@ -114,8 +114,12 @@ def fuse_export(
         from normcli.preflight import summary
 
         if json_out:
-            print_json({"output": None, "opset": opset, "exporter": exporter, "folded": [], "unfolded": [],
-                        "parity": None, "onnx": None, "findings": jsonable(findings)})
+            from normcli.export import DEFAULT_OPSET
+
+            # nothing was folded or exported: the opset is the one asked for
+            print_json({"output": None, "opset": opset or DEFAULT_OPSET[exporter], "exporter": exporter, "folded": [],
+                        "unfolded": [], "parity": None, "onnx": None, "findings": jsonable(findings)},
+                       schema="fuse-export")
         raise CheckFailed(f"fuse-export stopped before folding: {len(stopping)} finding(s) at or above --fail-on "
                           f"{fail_on} on the norm layers of {path}: {summary(stopping)}; exporting them would "
                           "prove nothing; fix the checkpoint (normcli inspect shows the details), or pass "

@@ -147,7 +147,7 @@ def _stop(findings, stopping, path: str, fail_on: str, to: str, json_out: bool, 
 
     if json_out:
         print_json({"to": to, "output": None, "replaced": [], "skipped": [], "absorbed_activations": [],
-                    "eval_drift": {"max_abs": None, "max_rel": None}, "findings": jsonable(findings)})
+                    "eval_drift": {"max_abs": None, "max_rel": None}, "findings": jsonable(findings)}, schema="swap")
     raise CheckFailed(f"swap stopped {when}: {len(stopping)} finding(s) at or above --fail-on {fail_on} on the norm "
                       f"layers of {path}: {summary(stopping)}; fix the checkpoint (normcli inspect shows the "
                       "details), or pass --fail-on never to swap anyway; nothing was written")
