@@ -123,7 +123,8 @@ def fuse_export(model, output: str | os.PathLike, *,
             reference_outputs = reference_model(*_widened(example, widen))
         except Exception as e:
             raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
-                               f"{describe(e)}; {inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
+                               f"{describe(e)}; "
+                               f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
                                ) from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
         references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]

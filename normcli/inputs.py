@@ -81,7 +81,8 @@ def inputs_hint(model, option: str = "--input-shape") -> str:
     """What to give instead, for an error about inputs the model did not run on."""
     names = positional_inputs(model)
     if names and len(names) > 1:
-        return f"the model takes {len(names)} positional inputs ({', '.join(names)}): give one {option} per input, in order"
+        return (f"the model takes {len(names)} positional inputs ({', '.join(names)}): give one {option} per input, "
+                "in order")
     if names:
         return f"the model takes one positional input ({names[0]}): give {option} with the shape it expects"
     return f"give {option} with the shapes the model expects, one per positional input"

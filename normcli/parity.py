@@ -3,8 +3,8 @@
 The rule is numpy's ``allclose`` with the torch output as the reference ``b``: an element fails only when
 ``|a - b| > atol + rtol * |b|``. NaN against a number fails, NaN against NaN agrees, an infinity agrees only
 with the same infinity. A reference that holds NaN or Inf fails the check all the same (``problem`` starts
-with ``non-finite``): agreement with a broken reference proves nothing. Defaults ``atol=1e-4``, ``rtol=1e-3``: typical float32 round-off for deep nets,
-well below what a wrong fold or a wrong export gives.
+with ``non-finite``): agreement with a broken reference proves nothing. Defaults ``atol=1e-4``,
+``rtol=1e-3``: typical float32 round-off for deep nets, well below what a wrong fold or a wrong export gives.
 """
 
 from __future__ import annotations

@@ -363,7 +363,9 @@ def test_frn_swap_exports_to_onnx_with_parity(tmp_path):
 # --- what a swap keeps, and how to redo it ----------------------------------------------------------------------
 
 def test_the_registry_says_which_targets_carry_running_statistics():
-    assert SWAP_TARGETS["mabn"].carries_running_stats and not SWAP_TARGETS["frn"].carries_running_stats
+    carrying = {name for name, target in SWAP_TARGETS.items() if target.carries_running_stats}
+    # FRN and GroupNorm keep only weight and bias; the others keep (or are) the running statistics
+    assert {"frn", "gn"}.isdisjoint(carrying) and {"mabn", "bn", "syncbn", "frozen"} <= carrying
 
 
 @pytest.mark.parametrize("to", ["frn", "mabn"])

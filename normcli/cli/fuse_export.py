@@ -35,7 +35,8 @@ def fuse_export(
         None, "--input", metavar="FILE",
         help="Run parity on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
     opset: Optional[int] = typer.Option(None, "--opset", metavar="N",
-                                        help="ONNX opset. Default 18; each exporter writes the opsets the installed torch and onnx support."),
+                                        help="ONNX opset. Default 18; each exporter writes the opsets the "
+                                             "installed torch and onnx support (an error names them)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch",
                                        help="Make dim 0 of every input and output symbolic; parity then runs "
                                             "two batch sizes."),
@@ -117,8 +118,8 @@ def fuse_export(
             from normcli.export import DEFAULT_OPSET
 
             # nothing was folded or exported: the opset is the one asked for
-            print_json({"output": None, "opset": opset or DEFAULT_OPSET[exporter], "exporter": exporter, "folded": [],
-                        "unfolded": [], "parity": None, "onnx": None, "findings": jsonable(findings)},
+            print_json({"output": None, "opset": opset or DEFAULT_OPSET[exporter], "exporter": exporter,
+                        "folded": [], "unfolded": [], "parity": None, "onnx": None, "findings": jsonable(findings)},
                        schema="fuse-export")
         raise CheckFailed(f"fuse-export stopped before folding: {len(stopping)} finding(s) at or above --fail-on "
                           f"{fail_on} on the norm layers of {path}: {summary(stopping)}; exporting them would "
