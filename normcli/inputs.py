@@ -42,8 +42,14 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, 
         if any(int(d) < 1 for d in shape):
             raise NormcliError(f"input shape {','.join(map(str, shape))} has a dimension below 1")
     generator = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype) for shape in shapes)
-            for _ in range(samples)]
+    try:
+        return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype)
+                      for shape in shapes) for _ in range(samples)]
+    except (RuntimeError, MemoryError) as e:  # a shape too large for this machine's memory
+        from normcli.errors import first_line
+
+        raise NormcliError(f"cannot make inputs of shapes {' '.join(','.join(map(str, s)) for s in shapes)} "
+                           f"({first_line(e)}); give smaller input shapes") from None
 
 
 def positional_inputs(model) -> list[str] | None:

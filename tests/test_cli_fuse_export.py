@@ -259,6 +259,8 @@ def test_pt2_example_inputs_are_used_under_unsafe_load(cli, tmp_path):
     (["--exporter", "onnxscript"], "--exporter"),
     (["--samples", "0"], "--samples"),
     (["--exporter", "dynamo", "--opset", "13"], "torchscript"),
+    (["--atol", "nan"], "--atol and --rtol must be finite"),
+    (["--input-shape", "100000,3,1000,1000"], "give smaller input shapes"),
 ])
 def test_bad_invocations_exit_2_with_one_error_line_and_no_file(cli, tmp_path, args, message):
     ckpt = save_state_dict("small_cnn", tmp_path)
