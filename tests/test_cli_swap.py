@@ -280,9 +280,21 @@ def test_stored_options_rebuild_a_partial_swap(cli, samples, tmp_path, to):
     assert kinds["layer1.0.bn2"] == "BatchNorm2d" and kinds["bn1"] == "BatchNorm2d"
 
 
-def test_a_crafted_probe_shape_in_a_swap_file_is_refused(cli, samples, tmp_path):
+def test_a_crafted_probe_shape_in_a_swap_file_is_refused_and_older_files_still_load(cli, samples, tmp_path):
     out = tmp_path / "frn.pt"
-    assert cli("swap", samples / "resnet_tiny.pt", "--to", "frn", "-o", out, "--arch", ARCH)[0] == 0
+    assert cli("swap", samples / "resnet_tiny.pt", "--to", "frn", "-o", out, "--arch", ARCH, "--include",
+               "layer1.*")[0] == 0
+    saved = torch.load(out, weights_only=True)
+    # files written before the options held the selection kept it beside them
+    options = saved["normcli_swap"]["options"]
+    legacy = {"state_dict": saved["state_dict"], "normcli_swap": {
+        **saved["normcli_swap"], "include": options.pop("include"), "exclude": options.pop("exclude"),
+        "input_shape": options.pop("input_shapes")[0], "options": options}}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    code, stdout, err = cli("inspect", tmp_path / "legacy.pt", "--arch", ARCH, "--json")
+    assert code == 0, err
+    kinds = {x["name"]: x["kind"] for x in json.loads(stdout)["layers"]}
+    assert kinds["layer1.0.bn1"] == "FilterResponseNorm2d" and kinds["bn1"] == "BatchNorm2d"
     saved = torch.load(out, weights_only=True)
     saved["normcli_swap"]["options"]["input_shapes"] = [[100000, 3, 10000, 10000]]
     crafted = tmp_path / "crafted.pt"
