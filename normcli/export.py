@@ -222,7 +222,7 @@ def check_opset(exporter: str, opset: int) -> None:
     other_low, other_high = supported_opsets(other)
     hint = f" (the {other} exporter writes {other_low} to {other_high}: --exporter {other})" \
         if other_low <= opset <= other_high else ""
-    raise NormcliError(f"opset {opset} is not one the installed {exporter} exporter writes: it writes opsets "
+    raise NormcliError(f"the installed {exporter} exporter does not write opset {opset}: it writes opsets "
                        f"{low} to {high}{hint}")
 
 
