@@ -147,10 +147,8 @@ def check_inputs_first(*paths) -> None:
 
 def render_findings(findings, command: str) -> None:
     """inspect's findings on the loaded model, one line each on stderr, with whether each stops ``command``."""
-    from rich.markup import escape
-
     colors = {"error": "red", "warning": "yellow", "info": "cyan"}
     for f in findings:
-        verdict = f" [red](stops {command})[/]" if f.stops else (f" (goes on: {escape(f.note)})" if f.note else "")
-        err_console.print(f"[{colors[f.severity]}]{f.severity:<7}[/] {escape(f.layer)} [bold]{escape(f.code)}[/]: "
-                          f"{escape(f.message)}{verdict}", soft_wrap=True)
+        verdict = f" [red](stops {command})[/]" if f.stops else (f" (goes on: {cell(f.note)})" if f.note else "")
+        err_console.print(f"[{colors[f.severity]}]{f.severity:<7}[/] {cell(f.layer)} [bold]{cell(f.code)}[/]: "
+                          f"{cell(f.message)}{verdict}", soft_wrap=True)

@@ -155,12 +155,10 @@ def _stop(findings, stopping, path: str, fail_on: str, to: str, json_out: bool, 
 
 def _nothing_replaced(report, path: str) -> None:
     """A swap that changes nothing is a mistake in the invocation: say why each norm stayed."""
-    from rich.markup import escape
-
     from normcli.errors import NormcliError
 
     for s in report.skipped:
-        err_console.print(f"skipped {escape(s['name'])}: {escape(s['reason'])}", soft_wrap=True)
+        err_console.print(f"skipped {cell(s['name'])}: {cell(s['reason'])}", soft_wrap=True)
     if not report.skipped:
         raise NormcliError(f"swap to {report.to} would replace nothing: the model in {path} has no norm layer; "
                            "nothing was written")
