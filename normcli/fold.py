@@ -676,6 +676,19 @@ def _batch_norm_arguments(node: fx.Node) -> Optional[dict[str, Any]]:
     return dict(bound.arguments)
 
 
+def functional_norm_sites(model: nn.Module) -> list[str]:
+    """Names of the modules whose stored running_mean an ``F.batch_norm`` call in ``model``'s forward reads
+    (by torch.fx dataflow; raises when the model does not trace)."""
+    graph = _trace(model).graph
+    names = []
+    for node in graph.nodes:
+        args = _batch_norm_arguments(node)
+        mean = args.get("running_mean") if args else None
+        if isinstance(mean, fx.Node) and mean.op == "get_attr":
+            names.append(mean.target.rpartition(".")[0])
+    return list(dict.fromkeys(names))
+
+
 def functional_norm_name(node: fx.Node, args: dict[str, Any]) -> str:
     """An F.batch_norm call is named after the module holding its running_mean (the name inspect lists)."""
     mean = args.get("running_mean")

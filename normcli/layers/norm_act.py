@@ -61,6 +61,6 @@ def with_followers(norm: nn.Module, drop: nn.Module | None, act: nn.Module | Non
     if cls is None:
         raise TypeError(f"no norm+activation class for {type(norm).__name__}")
     norm.__class__ = cls
-    norm.drop = drop if drop is not None else nn.Identity()
-    norm.act = act if act is not None else nn.Identity()
+    norm.drop = drop if drop is not None else nn.Identity().train(norm.training)
+    norm.act = act if act is not None else nn.Identity().train(norm.training)
     return norm
