@@ -155,3 +155,18 @@ def test_bad_mode_is_one_error_line(run_normcli, tmp_path):
                        "samples/models.py:resnet_tiny", "--lower-unfolded", "fold")
     assert done.returncode == 2 and done.stderr.startswith("error: --lower-unfolded must be mul-add or keep")
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_gives_a_row_of_both_forms():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lower_unfolded.py"
+    spec = importlib.util.spec_from_file_location("bench_lower_unfolded_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (row,) = bench.run(quick=True)
+    assert "6 leftover norms, keep (default) vs mul-add" in row["name"]
+    assert row["normcli"] > 0 and row["baseline"] > 0 and row["bar"] == 1.02
+    assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]

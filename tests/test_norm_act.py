@@ -209,3 +209,22 @@ def test_swap_cli_keeps_the_activation_and_reports_it(tmp_path, run_normcli):
         ("bn1", "FrozenBatchNorm2dAct", ["drop (Dropout)", "act (SiLU)"]),
         ("bn2", "FrozenBatchNorm2dAct", ["act (PReLU)"])]
     assert report["eval_drift"]["max_rel"] < 1e-6  # float32 rounding of x * scale + shift
+
+
+def test_fuse_export_folds_norm_act_modules_and_keeps_their_activations(cli, tmp_path):
+    model = randomise(timm_like_net())
+    path, out, fused = tmp_path / "sd.pt", tmp_path / "m.onnx", tmp_path / "fused.pt"
+    torch.save(model.state_dict(), path)
+    code, stdout, err = cli("fuse-export", path, "--arch", "tests/timm_like.py:timm_like_net", "-o", out,
+                            "--input-shape", "1,3,10,10", "--save-fused", fused, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert sorted((f["norm"], f["into"]) for f in report["folded"]) == [
+        ("bn1", "conv1"), ("bn2", "conv2"), ("bn3", "conv3")]
+    assert report["parity"]["passed"] and report["onnx"]["batchnorm_nodes"] == 0
+    import onnx
+
+    op_types = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "PRelu" in op_types and "Relu" in op_types and "Sigmoid" in op_types  # SiLU = x * sigmoid(x)
+    x = torch.randn(1, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(torch.jit.load(str(fused))(x), model(x), rtol=1e-4, atol=1e-5)
