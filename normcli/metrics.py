@@ -15,7 +15,7 @@ What must be within tolerance:
   exceeds rtol (a NaN statistic exceeds any tolerance).
 
 A reference that holds NaN or Inf is never a pass: there is nothing to compare against (``problem`` says
-``non-finite``).
+``non-finite: ...``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class OutputMetrics:
     problem: str | None = None   # "non-finite" reference, or a shape/count mismatch
     quantile_abs: float | None = None   # with check_stat "quantile": the chosen quantile's errors
     quantile_rel: float | None = None
+    nonfinite_reference: int = 0         # reference elements that are NaN or Inf
 
 
 def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: float, rtol: float,
@@ -94,8 +95,10 @@ def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: fl
         need_atol[np.isnan(diff) & ~same] = np.inf  # NaN against a number: no tolerance passes
         need_rtol[np.isnan(diff) & ~same] = np.inf
     mismatched = int((~close).sum())
-    if not np.isfinite(b).all():
-        problem = "non-finite"
+    nonfinite = int(b.size - np.count_nonzero(np.isfinite(b)))
+    if nonfinite:
+        problem = (f"non-finite: the reference holds NaN/Inf in {nonfinite} of {b.size} elements, so agreement "
+                   "proves nothing")
 
     def stat(values, fn):
         return float(fn(values)) if values.size else 0.0
@@ -112,6 +115,7 @@ def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: fl
         required_rtol=stat(need_rtol, np.max),
         top1_agreement=None, top5_agreement=None,
         mismatched=mismatched, elements=int(b.size), passed=False, problem=problem,
+        nonfinite_reference=nonfinite,
     )
     metrics.top1_agreement, metrics.top5_agreement = _top_k_agreement(actual, reference)
     if check_stat == "quantile":
