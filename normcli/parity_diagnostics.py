@@ -35,6 +35,18 @@ class Diagnosis:
     error: str | None = None           # the comparison itself could not run (the parity verdict stands)
 
 
+def fp16_gate(findings, fail_on: str) -> list:
+    """With ``--precision fp16``, inspect's ``fp16-overflow`` (a warning otherwise) stops the export at any
+    ``--fail-on`` but ``never``: its folded values become inf in float16. Returns the findings it stops."""
+    stopped = []
+    for f in findings:
+        if f.code == "fp16-overflow" and not f.stops and fail_on != "never":
+            f.stops = True
+            f.note = "--precision fp16: the folded values do not fit in float16"
+            stopped.append(f)
+    return stopped
+
+
 def half_precision_inputs(inputs: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
     """(float32 inputs holding only float16 values, the same values as float16): the float32 reference and the
     float16 export then see exactly the same numbers."""

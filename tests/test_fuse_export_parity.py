@@ -246,3 +246,28 @@ def test_fp16_export_is_half_precision_and_judged_against_float32(run_normcli, r
     np.testing.assert_allclose(got.astype(np.float64), want, atol=parity["atol"], rtol=parity["rtol"])
     # and it does differ from float32 arithmetic: float16 is really what ran
     assert np.abs(got.astype(np.float64) - want).max() > 1e-5
+
+
+@pytest.mark.slow
+def test_fp16_overflow_blocks_a_half_precision_export_unless_fail_on_never(run_normcli, tmp_path):
+    torch.manual_seed(0)
+    model = batch_scaled()
+    with torch.no_grad():  # trained statistics, and one channel whose folded scale is 1e5 > float16's 65504
+        model.bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        model.bn.running_var.copy_(torch.tensor([1.5, 1.0, 0.7, 2.0]))
+        model.bn.num_batches_tracked.fill_(100)
+        model.bn.weight[1] = 1e5
+    ckpt = tmp_path / "over.pt"
+    torch.save(model.state_dict(), ckpt)
+    base = ["fuse-export", ckpt, "--arch", f"{PARITY_MODELS}:batch_scaled", "--input-shape", "2,3,8,8", "--force"]
+    # in float32 the same checkpoint exports (the finding is a warning)
+    assert run_normcli(*base, "-o", tmp_path / "fp32.onnx").returncode == 0
+    done = run_normcli(*base, "-o", tmp_path / "fp16.onnx", "--precision", "fp16")
+    assert done.returncode == 1 and "bn fp16-overflow" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "fp16.onnx").exists()
+    # going on anyway: the float16 export overflows, parity fails and names the folded conv as the first culprit
+    done = run_normcli(*base, "-o", tmp_path / "fp16.onnx", "--precision", "fp16", "--fail-on", "never", "--json")
+    assert done.returncode == 1
+    parity = report_of(done)["parity"]
+    assert parity["first_divergence"]["module"] == "conv" and parity["outputs"][0]["max_abs"] == "inf"
+    assert "Warning" not in done.stderr

@@ -165,6 +165,10 @@ def fuse_export(
 
         findings = model_findings(loaded)
         stopping = judge(findings, fail_on)  # a fold uses every statistic
+        if precision == "fp16":
+            from normcli.parity_diagnostics import fp16_gate
+
+            stopping += fp16_gate(findings, fail_on)
     if not json_out:
         render_findings(findings, "fuse-export")
     if stopping:
