@@ -32,7 +32,8 @@ def swap(
              "order; more are more configurations). Default: guessed from the first conv/linear layer."),
     input_file: Optional[List[str]] = typer.Option(
         None, "--input", metavar="FILE",
-        help="Probe on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
+        help="Probe on this data instead of random samples (.npy, .npz, .pt read safely, .safetensors, or an "
+             "image; the readers of recalibrate --data); repeat per input."),
     learnable_eps: Optional[bool] = typer.Option(None, "--learnable-eps/--fixed-eps",
                                                  help="frn: learnable eps (also swaps BatchNorm1d after Linear)."),
     batch: Optional[int] = typer.Option(None, "--B", help="mabn: batch size one step sees (default 2)."),
@@ -88,7 +89,7 @@ def swap(
 
     from normcli.inputs import input_configurations
     from normcli.loading import load_model
-    from normcli.parity import load_input_file
+    from normcli.data import read_input_tensors
     from normcli.preflight import judge, model_findings
     from normcli.swap import selection_reason, swap_norms
 
@@ -103,7 +104,7 @@ def swap(
         raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
                            "--arch instead")
     model = loaded.model.eval()
-    tensors = [load_input_file(f) for f in input_file or []]
+    tensors = [t for f in input_file or [] for t in read_input_tensors(f)]
     if shapes:
         input_configurations(shapes, model, "--input-shape")  # a count that does not fit is a usage error
     if tensors:
