@@ -67,6 +67,11 @@ def render_parity(console, report) -> None:
                   f"checking {rule}", soft_wrap=True)
     if report.reference != "the original model":
         console.print(f"reference: {cell(report.reference)}", soft_wrap=True)
+    if len(report.checked_shapes) > 1:
+        shapes = " and ".join(" ".join(",".join(map(str, s)) for s in config) for config in report.checked_shapes)
+        symbolic = "; ".join(f"input {i}: {', '.join(map(str, dims))}" for i, dims in enumerate(report.dynamic_dims)
+                             if dims)
+        console.print(f"checked at {shapes}" + (f"; symbolic dims {symbolic}" if symbolic else ""), soft_wrap=True)
     table = Table(header_style="bold", box=None, pad_edge=False)
     columns = ("output", "max abs", "max rel", "mean abs", "median abs", "p99 abs", "cosine", "need atol",
                "need rtol", "top-1", "top-5", "mismatched", "")
