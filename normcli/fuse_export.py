@@ -210,7 +210,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs))
         symbolic = [[i for i, d in enumerate(dims) if not isinstance(d, int)] for dims in exported.input_dims]
-        _check_symbolic(varying, symbolic, exported, source)
+        _check_symbolic([([0] if dynamic_batch else []) + dims for dims in varying], symbolic, exported, source)
         lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
         try:
@@ -400,15 +400,15 @@ def _export_example(inputs: list[tuple], varying: list[list[int]], dynamic_batch
 
 
 def _check_symbolic(varying: list[list[int]], symbolic: list[list[int]], exported, source: str) -> None:
-    """Refuse an ONNX file that fixed a dimension the configurations need symbolic (the exporter specialised
-    it): parity could not run the other configurations on it."""
+    """Refuse an ONNX file that fixed a dimension the parity samples need symbolic (the exporter specialised
+    it, e.g. on a batch size read as a Python number): onnxruntime could not run the other samples on it."""
     for index, (want, got) in enumerate(zip(varying, symbolic)):
         missing = sorted(set(want) - set(got))
         if missing:
             raise NormcliError(f"the {exported.exporter} exporter fixed dims {', '.join(map(str, missing))} of input "
-                               f"{index} (now {exported.input_dims[index]}), which differ between the "
-                               f"configurations of {source}; the model specialises on them: check one shape per "
-                               "run, or try the other --exporter")
+                               f"{index} (now {exported.input_dims[index]}), which parity checks at several sizes "
+                               f"({source}{', --dynamic-batch' if 0 in missing else ''}); the model specialises on "
+                               "them: check one size per run, or try the other --exporter")
 
 
 def _distinct_shapes(inputs: list[tuple]) -> list[tuple]:

@@ -104,6 +104,11 @@ def test_a_dynamic_batch_export_wrong_at_another_batch_size_exits_1(run_normcli,
     parity = report_of(done)["parity"]
     assert not parity["passed"] and parity["first_divergence"]["module"] == "scale"
     assert not (tmp_path / "bs.onnx").exists()
+    # torch.export specialises on the batch size instead: an ONNX file with a fixed batch is refused, saying so
+    done = run_normcli("fuse-export", ckpt, "--arch", f"{PARITY_MODELS}:batch_scaled", "--input-shape", "2,3,8,8",
+                       "--dynamic-batch", "--exporter", "dynamo", "-o", tmp_path / "bs.onnx")
+    assert done.returncode == 2 and "the dynamo exporter fixed dims 0 of input 0" in done.stderr
+    assert not (tmp_path / "bs.onnx").exists()
 
 
 # ----------------------------------------------------------------------- metrics, golden files, normcli parity
