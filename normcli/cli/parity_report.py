@@ -107,7 +107,7 @@ def render_diagnosis(console, report) -> None:
         console.print("[green]every matched module agrees[/] within the tolerances", soft_wrap=True)
     rows = d.modules
     if d.first is not None:  # the rows around the culprit say the most
-        at = next(i for i, m in enumerate(rows) if m is d.first or m == d.first)
+        at = next((i for i, m in enumerate(rows) if (m["module"], m["call"]) == (d.first["module"], d.first["call"])), 0)
         rows = rows[max(0, at - INTERMEDIATES_SHOWN // 2):][:INTERMEDIATES_SHOWN]
     else:
         rows = rows[-INTERMEDIATES_SHOWN:]
