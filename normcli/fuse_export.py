@@ -77,6 +77,8 @@ class FuseExportReport:
     diagnosis: Diagnosis | None = None  # per-module errors, when compared (--compare-intermediates, failure, fp16)
     saved_inputs: str | None = None    # golden files written (--save-inputs / --save-outputs)
     saved_outputs: str | None = None
+    dynamic_dims: list[list[int]] = field(default_factory=list)  # per ONNX input, its symbolic dimensions
+    checked_shapes: list[list[list[int]]] = field(default_factory=list)  # each input configuration parity ran
 
     @property
     def passed(self) -> bool:
@@ -159,8 +161,13 @@ def fuse_export(model, output: str | os.PathLike, *,
                           f"float16's epsilon {_EPS['float16']:g})")
     example = inputs[0]
     # with a symbolic batch, export at a batch of 2 or more: torch.export specialises a batch of 1
-    export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
-        if dynamic_batch else example
+    # dims that differ between the configurations (--input-shape/--input given more than once) are exported
+    # symbolic; a differing batch dimension makes the batch symbolic
+    varying = _varying_dims(inputs, source)
+    if any(0 in dims for dims in varying):
+        dynamic_batch = True
+    varying = [[d for d in dims if d > 0] for dims in varying]
+    export_example = _export_example(inputs, varying, dynamic_batch)
     with torch.no_grad():
         try:
             reference_outputs = reference_model(*_widened(example, widen))
@@ -199,9 +206,11 @@ def fuse_export(model, output: str | os.PathLike, *,
         onnx_path = Path(scratch) / output.name
         step(f"exporting with the {exporter} exporter")
         exported = export_onnx(exported_model, export_example, onnx_path, exporter=exporter, opset=opset,
-                               dynamic_batch=dynamic_batch,
+                               dynamic_batch=dynamic_batch, dynamic_dims=varying if any(varying) else None,
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs))
+        symbolic = [[i for i, d in enumerate(dims) if not isinstance(d, int)] for dims in exported.input_dims]
+        _check_symbolic([([0] if dynamic_batch else []) + dims for dims in varying], symbolic, exported, source)
         lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
         try:
@@ -259,6 +268,7 @@ def fuse_export(model, output: str | os.PathLike, *,
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
         lower_unfolded=lowering.mode, lowered=lowering.lowered, lower_kept=lowering.kept,
         warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite, precision=precision,
+        dynamic_dims=symbolic, checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
         diagnosis=diagnosis, saved_inputs=str(save_inputs) if written and save_inputs else None,
         saved_outputs=str(save_outputs) if written and save_outputs else None,
     )
@@ -337,14 +347,12 @@ def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: 
         inputs = [given]
         if dynamic_batch:  # the same data at twice the batch size: a second batch size on real inputs
             inputs.append(tuple(torch.cat([t, t]) for t in given))
-        _check_fixed_shapes(configs, dynamic_batch, "--input")
         return inputs + configs[1:], "--input"
     extra: list[tuple] = []
     if input_shapes:
         # shapes beyond one per positional input are more configurations, each checked like the first
         groups = input_configurations([tuple(int(d) for d in s) for s in input_shapes], model, "--input-shape")
         shapes, source = groups[0], "--input-shape"
-        _check_fixed_shapes(groups, dynamic_batch, "--input-shape")
         for index, group in enumerate(groups[1:], start=1):
             extra += make_inputs(group, samples, seed=seed + 1 + index, dtype=dtype)
     elif example_inputs:
@@ -367,17 +375,47 @@ def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: 
             + make_inputs(other, second, seed=seed + 1, dtype=dtype)) + extra, source
 
 
-def _check_fixed_shapes(configs: list, dynamic_batch: bool, option: str) -> None:
-    """The ONNX model is exported at the first configuration's shapes, with only the batch dimension symbolic
-    under ``dynamic_batch``: a further configuration must fit them."""
-    first = [tuple(getattr(x, "shape", x)) for x in configs[0]]
-    for index, config in enumerate(configs[1:], start=2):
-        for a, b in zip(first, (tuple(getattr(x, "shape", x)) for x in config)):
-            if len(a) != len(b) or a[1:] != b[1:] or (a[:1] != b[:1] and not dynamic_batch):
-                raise NormcliError(
-                    f"{option} configuration {index} ({','.join(map(str, b))}) differs from the first "
-                    f"({','.join(map(str, a))}) in a dimension the ONNX model is exported with fixed"
-                    + ("" if a[1:] != b[1:] else "; add --dynamic-batch to check another batch size"))
+def _varying_dims(inputs: list[tuple], source: str) -> list[list[int]]:
+    """Per input, the dimensions whose size differs between the parity samples: the ONNX model must take
+    every configuration, so these are exported symbolic. A rank that differs cannot be."""
+    first = [tuple(t.shape) for t in inputs[0]]
+    dims: list[set[int]] = [set() for _ in first]
+    for sample in inputs[1:]:
+        for index, (a, t) in enumerate(zip(first, sample)):
+            b = tuple(t.shape)
+            if len(a) != len(b):
+                raise NormcliError(f"{source}: input {index} is {','.join(map(str, a))} in one configuration and "
+                                   f"{','.join(map(str, b))} in another; one ONNX input takes one rank, so give "
+                                   "shapes of the same rank")
+            dims[index] |= {d for d, (x, y) in enumerate(zip(a, b)) if x != y}
+    return [sorted(d) for d in dims]
+
+
+def _export_example(inputs: list[tuple], varying: list[list[int]], dynamic_batch: bool) -> tuple:
+    """The sample to export at: one whose symbolic dims are all 2 or more (torch.export specialises a size of
+    1), else the first."""
+    wanted = [set(dims) | ({0} if dynamic_batch else set()) for dims in varying]
+    return next((s for s in inputs if all(t.dim() > max(dims, default=-1) and all(t.shape[d] > 1 for d in dims)
+                                          for t, dims in zip(s, wanted))), inputs[0])
+
+
+def _check_symbolic(varying: list[list[int]], symbolic: list[list[int]], exported, source: str) -> None:
+    """Refuse an ONNX file that fixed a dimension the parity samples need symbolic (the exporter specialised
+    it, e.g. on a batch size read as a Python number): onnxruntime could not run the other samples on it."""
+    for index, (want, got) in enumerate(zip(varying, symbolic)):
+        missing = sorted(set(want) - set(got))
+        if missing:
+            raise NormcliError(f"the {exported.exporter} exporter fixed dims {', '.join(map(str, missing))} of input "
+                               f"{index} (now {exported.input_dims[index]}), which parity checks at several sizes "
+                               f"({source}{', --dynamic-batch' if 0 in missing else ''}); the model specialises on "
+                               "them: check one size per run, or try the other --exporter")
+
+
+def _distinct_shapes(inputs: list[tuple]) -> list[tuple]:
+    seen = {}
+    for sample in inputs:
+        seen.setdefault(tuple(tuple(t.shape) for t in sample), sample)
+    return list(seen.values())
 
 
 def _fold_check(folded, inputs, references, atol: float, rtol: float) -> FoldCheck:

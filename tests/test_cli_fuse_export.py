@@ -456,5 +456,8 @@ def test_more_shapes_are_more_configurations(cli, tmp_path):
     doc = json.loads(stdout)
     # the first configuration at two batch sizes (--dynamic-batch), and the second configuration
     assert doc["parity"]["samples"] == 3 and doc["parity"]["passed"]
-    code, _, err = cli(*args, "--input-shape", "1,1,8,8", "--input-shape", "1,1,16,16", "--force")
-    assert code == 2 and "configuration 2 (1,1,16,16)" in err
+    # a second resolution: the dims that differ are exported symbolic, and both resolutions are checked
+    code, stdout, err = cli(*args, "--input-shape", "1,1,8,8", "--input-shape", "1,1,16,16", "--force", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["dynamic_dims"] == [[2, 3]] and doc["checked_shapes"] == [[[1, 1, 8, 8]], [[1, 1, 16, 16]]]

@@ -104,6 +104,11 @@ def test_a_dynamic_batch_export_wrong_at_another_batch_size_exits_1(run_normcli,
     parity = report_of(done)["parity"]
     assert not parity["passed"] and parity["first_divergence"]["module"] == "scale"
     assert not (tmp_path / "bs.onnx").exists()
+    # torch.export specialises on the batch size instead: an ONNX file with a fixed batch is refused, saying so
+    done = run_normcli("fuse-export", ckpt, "--arch", f"{PARITY_MODELS}:batch_scaled", "--input-shape", "2,3,8,8",
+                       "--dynamic-batch", "--exporter", "dynamo", "-o", tmp_path / "bs.onnx")
+    assert done.returncode == 2 and "the dynamo exporter fixed dims 0 of input 0" in done.stderr
+    assert not (tmp_path / "bs.onnx").exists()
 
 
 # ----------------------------------------------------------------------- metrics, golden files, normcli parity
@@ -271,3 +276,48 @@ def test_fp16_overflow_blocks_a_half_precision_export_unless_fail_on_never(run_n
     parity = report_of(done)["parity"]
     assert parity["first_divergence"]["module"] == "conv" and parity["outputs"][0]["max_abs"] == "inf"
     assert "Warning" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ several shapes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_several_shapes_are_each_checked_and_the_dims_that_differ_are_symbolic(run_normcli, resnet_ckpt, tmp_path,
+                                                                             exporter):
+    out = tmp_path / "multi.onnx"
+    done = run_normcli("fuse-export", resnet_ckpt, "--arch", RESNET, "--input-shape", "1,3,32,32", "--input-shape",
+                       "7,3,48,48", "-o", out, "--exporter", exporter, "--samples", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    report = report_of(done)
+    assert report["checked_shapes"] == [[[1, 3, 32, 32]], [[7, 3, 48, 48]]]
+    assert report["dynamic_dims"] == [[0, 2, 3]] and report["parity"]["samples"] == 4
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_value") for d in dims] == [False, True, False, False]  # channels stay fixed
+    # the test's own run: both shapes and one parity never saw, against the model in float64
+    model = calibrated("resnet_tiny").double()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 32, 32), (7, 3, 48, 48), (3, 3, 40, 40)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            want = model(x.double()).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_shapes_of_different_rank_for_one_input_exit_2(run_normcli, tmp_path):
+    done = run_normcli("fuse-export", "samples/resnet_tiny.pt", "--arch", RESNET, "--input-shape", "1,3,32,32",
+                       "--input-shape", "1,3,32", "-o", tmp_path / "r.onnx")
+    assert done.returncode == 2 and "same rank" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_the_command_line_mirrors_of_library_constants_agree():
+    """--help shows these without importing numpy or torch; they must say what the library does."""
+    from normcli import metrics, parity_diagnostics
+    from normcli.cli import fuse_export as command
+    from normcli.cli import parity as parity_command
+
+    for cli_module in (command, parity_command):
+        assert cli_module.DEFAULT_QUANTILE == metrics.DEFAULT_QUANTILE
+        assert tuple(cli_module.CHECK_STATS) == metrics.CHECK_STATS
+    assert tuple(command.PRECISIONS) == parity_diagnostics.PRECISIONS

@@ -89,6 +89,16 @@ def test_a_non_finite_reference_never_passes_and_nan_is_never_ok():
     assert m.mismatched == 1 and not m.passed and np.isnan(m.cosine)
 
 
+def test_an_overflowed_output_reports_infinite_errors_not_nan():
+    """float16 overflow: onnxruntime gives inf where the reference is finite; every figure says inf."""
+    ref = np.linspace(1.0, 2.0, 200)
+    got = ref.copy()
+    got[:10] = np.inf
+    m = compare_output("y", [got], [ref], atol=1e-3, rtol=1e-3)
+    assert m.max_abs == m.p99_abs == m.required_atol == m.required_rtol == np.inf
+    assert m.median_abs == 0.0 and m.mismatched == 10 and not m.passed
+
+
 def test_shape_mismatch_is_a_problem_not_a_crash():
     m = compare_output("y", [np.zeros((2, 3))], [np.zeros((3, 2))], atol=1, rtol=1)
     assert not m.passed and "shape" in m.problem

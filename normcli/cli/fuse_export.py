@@ -235,7 +235,8 @@ def report_json(report) -> dict:
         "input_shapes": report.input_shapes, "input_source": report.input_source,
         "fold_method": report.fold_method, "fold_note": report.fold_note, "fold_check": report.fold_check,
         "save_fused": report.save_fused, "save_fused_format": report.save_fused_format,
-        "warnings": report.warnings, "reference": report.reference, "nonfinite": report.nonfinite,
+        "warnings": report.warnings, "reference": report.reference,
+        "dynamic_dims": report.dynamic_dims, "checked_shapes": report.checked_shapes, "nonfinite": report.nonfinite,
         "lower_unfolded": report.lower_unfolded, "lowered": report.lowered, "lower_kept": report.lower_kept,
     })
 

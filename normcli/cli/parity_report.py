@@ -67,6 +67,11 @@ def render_parity(console, report) -> None:
                   f"checking {rule}", soft_wrap=True)
     if report.reference != "the original model":
         console.print(f"reference: {cell(report.reference)}", soft_wrap=True)
+    if len(report.checked_shapes) > 1:
+        shapes = " and ".join(" ".join(",".join(map(str, s)) for s in config) for config in report.checked_shapes)
+        symbolic = "; ".join(f"input {i}: {', '.join(map(str, dims))}" for i, dims in enumerate(report.dynamic_dims)
+                             if dims)
+        console.print(f"checked at {shapes}" + (f"; symbolic dims {symbolic}" if symbolic else ""), soft_wrap=True)
     table = Table(header_style="bold", box=None, pad_edge=False)
     columns = ("output", "max abs", "max rel", "mean abs", "median abs", "p99 abs", "cosine", "need atol",
                "need rtol", "top-1", "top-5", "mismatched", "")
@@ -102,7 +107,7 @@ def render_diagnosis(console, report) -> None:
         console.print("[green]every matched module agrees[/] within the tolerances", soft_wrap=True)
     rows = d.modules
     if d.first is not None:  # the rows around the culprit say the most
-        at = next(i for i, m in enumerate(rows) if m is d.first or m == d.first)
+        at = next((i for i, m in enumerate(rows) if (m["module"], m["call"]) == (d.first["module"], d.first["call"])), 0)
         rows = rows[max(0, at - INTERMEDIATES_SHOWN // 2):][:INTERMEDIATES_SHOWN]
     else:
         rows = rows[-INTERMEDIATES_SHOWN:]
