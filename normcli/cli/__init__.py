@@ -73,7 +73,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(args)
     try:
-        result = app(args=args, prog_name="normcli", standalone_mode=False)
+        try:
+            result = app(args=args, prog_name="normcli", standalone_mode=False)
+        finally:
+            from normcli.cli.output import abort_active
+
+            abort_active()  # a live progress line must not share the error's line
     except NormcliError as e:
         if debug:
             raise

@@ -11,10 +11,23 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+
+
+class _Console(Console):
+    """A Rich console whose piped output carries no trailing padding (Rich pads table cells to the column)."""
+
+    def _render_buffer(self, buffer) -> str:
+        text = super()._render_buffer(buffer)
+        if self.is_terminal:
+            return text
+        return "\n".join(line.rstrip(" ") for line in text.split("\n"))
+
+
 # Everything but the command's result goes to stderr, so that --json keeps stdout clean.
-err_console = Console(stderr=True, highlight=False)
-# a pipe or a CI log gets a wide table instead of Rich's 80-column default
-out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err_console = _Console(stderr=True, highlight=False)
+# a pipe or a CI log gets a wide table instead of Rich's 80-column default (tables fit COLUMNS when it is set:
+# normcli.cli.tables)
+out_console = _Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def safe_text(text: Any) -> str:

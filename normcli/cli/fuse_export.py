@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional
 
@@ -11,6 +10,7 @@ import typer
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailOnOption, JsonOption, LimitOption,
                                 UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
                                 parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings)
+from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
 # them without importing torch; a test checks they agree.
@@ -71,6 +71,8 @@ def fuse_export(
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     limit: Optional[List[str]] = LimitOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Fold BatchNorm into the convs next to it, export to ONNX and check it against the original in onnxruntime."""
@@ -103,8 +105,9 @@ def fuse_export(
 
         check_opset(exporter, opset)
 
-    with _status(json_out) as step:
-        step("loading the model")
+    reporter = Reporter("fuse-export", quiet, verbose)
+    with reporter.section() as step:
+        step.stage("loading the model", log=False)
         from normcli.fuse_export import fuse_export as run_pipeline
         from normcli.loading import load_model
         from normcli.parity import load_input_file
@@ -118,7 +121,7 @@ def fuse_export(
                             unsafe_load=unsafe_load,
                             limits=limits)
         tensors = [load_input_file(f) for f in input_file or []]
-        step("checking the norm layers")
+        step.stage("checking the norm layers", log=False)
         from normcli.preflight import judge, model_findings
 
         findings = model_findings(loaded)
@@ -140,13 +143,14 @@ def fuse_export(
                           "prove nothing; fix the checkpoint (normcli inspect shows the details), or pass "
                           "--fail-on never to export anyway; nothing was written")
 
-    with _status(json_out) as step:
+    with reporter.section() as step:
         report = run_pipeline(loaded.model, output, input_shapes=shapes or None, input_tensors=tensors or None,
                               example_inputs=loaded.example_inputs, exporter=exporter, opset=opset,
                               dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, samples=samples,
                               keep_on_fail=keep_on_fail, save_fused=save_fused, force=force, sources=(path,),
                               lower_unfolded=lower_unfolded,
                               progress=step)
+    reporter.close()
 
     if json_out:
         print_json({**report_json(report), "findings": jsonable(findings)}, schema="fuse-export")
@@ -189,16 +193,6 @@ def report_json(report) -> dict:
     })
 
 
-@contextlib.contextmanager
-def _status(quiet: bool):
-    """A Rich spinner on stderr whose text each pipeline step updates; nothing at all with --json."""
-    if quiet or not err_console.is_terminal:
-        yield lambda message: None
-        return
-    with err_console.status("starting") as status:
-        yield lambda message: status.update(f"{message}...")
-
-
 def _num(x: float) -> str:
     if x != x or x in (float("inf"), float("-inf")):
         return str(x)
@@ -217,14 +211,14 @@ def render(report) -> None:
                   soft_wrap=True)
     if report.fold_note:
         console.print(f"note: {cell(report.fold_note)}", style="dim", soft_wrap=True)
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column, print_table
+
     for rows, columns in ((report.folded, ("norm", "into")), (report.unfolded, ("norm", "reason"))):
         if rows:
-            table = Table(header_style="bold", box=None, pad_edge=False)
-            table.add_column("folded norm" if columns[1] == "into" else "unfolded norm")
-            table.add_column(columns[1])
-            for row in rows:
-                table.add_row(*(cell(row[c]) for c in columns))
-            console.print(table)
+            print_table(console, [Column("folded norm" if columns[1] == "into" else "unfolded norm", 1, name=True),
+                                  Column(columns[1], 1, name=True)],
+                        [[safe_text(row[c]) for c in columns] for row in rows])
     check = report.fold_check
     verdict = "[green]ok[/]" if check.passed else \
         ("[red]non-finite[/]: the original's output holds NaN/Inf" if check.problem else "[red]out of tolerance[/]")

@@ -3,18 +3,23 @@
 * ``--quiet/-q``: nothing but errors on stderr (the result still goes to stdout).
 * default: in a terminal, a live line with the stage and the elapsed time, gone when the command ends; when
   stderr is not a terminal (a CI log), one plain line per stage of the long commands (swap, fuse-export,
-  recalibrate), printed as the stage starts: ``[swap 1.3s] swapping BatchNorm for frn``.
+  recalibrate), printed as the stage starts: ``[swap 1.3s] swapping BatchNorm for frn``; reading the input
+  is not announced there, so a bad input's ``error:`` line is the first on stderr.
 * ``--verbose/-v``: every command's stages as plain lines, each one's duration when it ends, and a total.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import typer
 
 from normcli.cli.common import err_console
+
+_ACTIVE: list["Reporter"] = []
 
 QuietOption = typer.Option(False, "--quiet", "-q", help="Print nothing but errors on stderr (the result still "
                                                         "goes to stdout).")
@@ -42,13 +47,15 @@ class Reporter:
         self.detail = ""
         self._live = None
         self._spinner = None
+        _ACTIVE.append(self)
 
     # -------------------------------------------------------------------------------------------- stages
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def stage(self, name: str) -> None:
-        """Start a stage (ending the one before)."""
+    def stage(self, name: str, log: bool = True) -> None:
+        """Start a stage (ending the one before). ``log=False``: a stage that only reads and checks the input
+        (loading) gets a plain line only under --verbose, so that a bad input's ``error:`` line comes first."""
         self._end_stage()
         self.stage_name = name
         self.stage_started = time.monotonic()
@@ -57,7 +64,7 @@ class Reporter:
             return
         if self.tty:
             self._start_live()
-        elif self.announce or self.verbose:
+        elif (self.announce and log) or self.verbose:
             self._plain(f"[{self.command} {self.elapsed():.1f}s] {name}")
 
     __call__ = stage  # a library's ``progress(message)`` callback can be the reporter itself
@@ -113,22 +120,73 @@ class Reporter:
         return self._spinner
 
     def close(self) -> None:
+        """End the last stage and the live display (before the result is printed)."""
+        if self not in _ACTIVE:
+            return
+        _ACTIVE.remove(self)
         self._end_stage()
+        self._stop_live()
+        if self.verbose and not self.quiet:
+            self._plain(f"[{self.command} {self.elapsed():.1f}s] finished")
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator["Reporter"]:
+        """A stretch of stages: paused at its end so the command can print, aborted if it raises."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+        self.pause()
+
+    def pause(self) -> None:
+        """End the stage and the live display so that the command can print (the next stage resumes)."""
+        self._end_stage()
+        self._stop_live()
+
+    def abort(self) -> None:
+        """The command failed: clear the live display so the error line stands alone; no "done" lines."""
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        self.stage_name = None
+        self._stop_live()
+
+    def _stop_live(self) -> None:
         if self._live is not None:
             self._live.stop()
             self._live = None
-        if self.verbose and not self.quiet:
-            self._plain(f"[{self.command} {self.elapsed():.1f}s] finished")
 
     def __enter__(self) -> "Reporter":
         return self
 
     def __exit__(self, *exc) -> None:
         if exc[0] is not None:
-            # the error line follows; a failed stage gets no "done"
-            self.stage_name = None
-            if self._live is not None:
-                self._live.stop()
-                self._live = None
+            self.abort()  # the error line follows; a failed stage gets no "done"
             return
         self.close()
+
+
+def abort_active() -> None:
+    """Stop every reporter still running (the command raised); called before the error line is printed."""
+    for reporter in list(_ACTIVE):
+        reporter.abort()
+
+
+def spell_options(text: str, spelling: Mapping[str, str]) -> str:
+    """``text`` with the library's keyword names written as the command line's options: ``learnable_eps=True``
+    becomes ``--learnable-eps True``, ``real_B`` becomes ``--real-B``."""
+    for name in sorted(spelling, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}=", spelling[name] + " ", text)
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", spelling[name], text)
+    return text
+
+
+@contextlib.contextmanager
+def cli_spelling(spelling: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a NormcliError from the library with its option names in the command line's spelling."""
+    from normcli.errors import NormcliError
+
+    try:
+        yield
+    except NormcliError as e:
+        raise NormcliError(spell_options(str(e), spelling)) from None
