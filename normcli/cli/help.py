@@ -57,8 +57,15 @@ UNSET_MEANS = {"arch": "none: the file's own classes or names", "arch_kwargs": "
 
 
 def _type_name(param) -> str:
-    name = getattr(param.type, "name", "") or ""
-    return {"integer": "int", "float": "float", "text": "str"}.get(name, name)
+    try:
+        return param.bare_type()
+    except Exception:  # an option Typer did not build (completion's)
+        return ""
+
+
+# options whose metavar lists choices too long for the name column: a short metavar, and the choices as the
+# first words of the help
+CHOICES_METAVAR = {"to": "TARGET"}
 
 
 def polish(param, panels: bool = True) -> None:
@@ -87,6 +94,9 @@ def polish(param, panels: bool = True) -> None:
         if param.secondary_opts and param.default is None:
             _show_default(param, _swap_flag_default(param))
         return
+    if param.name in CHOICES_METAVAR and param.metavar and "|" in param.metavar:
+        param.help = f"\\[{param.metavar}] {param.help or ''}"
+        param.metavar = CHOICES_METAVAR[param.name]
     if param.metavar is None:
         param.metavar = METAVAR_OF.get(param.name) or METAVAR_BY_TYPE.get(_type_name(param), "VALUE")
     if param.required:
