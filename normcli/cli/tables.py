@@ -70,25 +70,33 @@ def is_terminal(console) -> bool:
 
 
 def shorten_middle(name: str, width: int) -> str:
-    """``name`` in at most ``width`` cells, cut in the middle: the start and the distinguishing end stay."""
+    """``name`` in at most ``width`` cells, cut in the middle. The end distinguishes layers (``...block3.bn2``),
+    so it keeps as many whole dotted parts as fit beside a short start."""
     if cell_len(name) <= width:
         return name
     if width <= 1:
         return ELLIPSIS[:width]
     keep = width - 1
-    head_cells = keep // 3
-    tail_cells = keep - head_cells
+    min_head = min(3, keep // 2)
+    parts = name.split(".")
+    tail = ""
+    for i in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[i:])
+        if cell_len(candidate) > keep - min_head:
+            break
+        tail = candidate
+    if not tail:  # not even the last part fits: cut inside it, most of the room to the end
+        tail_cells = keep - max(1, keep // 4)
+        for ch in reversed(name):
+            if cell_len(tail) + cell_len(ch) > tail_cells:
+                break
+            tail = ch + tail
+    head_cells = keep - cell_len(tail)
     head, used = "", 0
     for ch in name:
         if used + cell_len(ch) > head_cells:
             break
         head += ch
-        used += cell_len(ch)
-    tail, used = "", 0
-    for ch in reversed(name):
-        if used + cell_len(ch) > tail_cells:
-            break
-        tail = ch + tail
         used += cell_len(ch)
     return head + ELLIPSIS + tail
 
