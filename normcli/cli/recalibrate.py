@@ -137,7 +137,7 @@ def _rank() -> int:
 
 class _Progress:
     """Batches and samples per second: on the reporter's live line in a terminal; without a terminal, a stage
-    line when the first batch starts and a line every few seconds after."""
+    line when the first batch starts and a line every 30 seconds after (5 with --verbose)."""
 
     def __init__(self, reporter: Reporter):
         self.reporter = reporter
@@ -145,18 +145,19 @@ class _Progress:
         self.running = False
 
     def __call__(self, batches: int, samples: int, seconds: float) -> None:
+        now = time.monotonic()
         if not self.running:
             self.running = True
+            self.last = now
             self.reporter.stage("running the data through the model")
         rate = samples / seconds if seconds > 0 else 0.0
         line = f"{batches} batches, {samples} samples, {rate:.1f} samples/s"
         self.reporter.update(line)
-        now = time.monotonic()
-        if self.reporter.tty or now - self.last < 5.0:
+        # a log line every 30 s (5 s with --verbose) while the batches run
+        if self.reporter.tty or self.reporter.quiet or now - self.last < (5.0 if self.reporter.verbose else 30.0):
             return
         self.last = now
-        if not self.reporter.quiet:
-            self.reporter._plain(f"[recalibrate {self.reporter.elapsed():.1f}s] {line}")
+        self.reporter._plain(f"[recalibrate {self.reporter.elapsed():.1f}s] {line}")
 
     def done(self, report) -> None:
         rate = report.samples / report.seconds if report.seconds > 0 else 0.0
