@@ -418,3 +418,20 @@ def test_every_kind_inspect_can_show_is_documented_in_the_readme():
     inferred = {"BatchNorm?", "FrozenBatchNorm?", "FilterResponseNorm?", "MABN2d?", "AffineNorm?", "WeightNorm?"}
     for kind in {*NORM_CLASSES, *_NORM_OPS, "WeightNorm", *inferred}:
         assert f"`{kind}`" in section, kind
+
+
+def test_swap_groups_the_findings_that_stop_it(tmp_path):
+    """A model whose 13 BatchNorms never saw data: one grouped line for the gate's stale-stats, -v each."""
+    import torch
+    from torch import nn
+
+    torch.save(nn.Sequential(*[nn.BatchNorm2d(4) for _ in range(13)]), tmp_path / "fresh.pt")
+    done = run("swap", tmp_path / "fresh.pt", "--to", "mabn", "-o", tmp_path / "o.pt", "--unsafe-load")
+    assert done.returncode == 1 and not (tmp_path / "o.pt").exists()
+    grouped = [line for line in done.stderr.splitlines() if "stale-stats in 13 layers: 0, 1, 2" in line]
+    assert len(grouped) == 1 and grouped[0].endswith("(stops swap)")
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: swap stopped") and lines[-2].startswith("        0: running statistics")
+    verbose = run("swap", tmp_path / "fresh.pt", "--to", "mabn", "-o", tmp_path / "o.pt", "--unsafe-load", "-v")
+    each = [line for line in verbose.stderr.splitlines() if re.match(r"error\s+\d+ stale-stats:", line)]
+    assert len(each) == 13

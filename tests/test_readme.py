@@ -34,6 +34,11 @@ def _examples_script():
 EXAMPLES = _examples_script()
 
 
+def console_examples() -> list[tuple[str, list[str]]]:
+    """(command, output lines as the README shows them) for every ``$ normcli ...`` example."""
+    return [(m.group("command")[2:], m.group("body").splitlines()) for m in EXAMPLES.examples(README)]
+
+
 def shell(cmd: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -127,7 +127,7 @@ def fuse_export(
         findings = model_findings(loaded)
         stopping = judge(findings, fail_on)  # a fold uses every statistic
     if not json_out:
-        render_findings(findings, "fuse-export")
+        render_findings(findings, "fuse-export", verbose, quiet)
     if stopping:
         from normcli.preflight import summary
 

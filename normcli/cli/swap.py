@@ -126,7 +126,7 @@ def swap(
                      or selection_reason(name, include, exclude) is not None)
     reporter.pause()
     if not json_out:
-        render_findings(findings, "swap")
+        render_findings(findings, "swap", verbose, quiet)
     if stopping:
         _stop(findings, stopping, path, fail_on, to, json_out, "before swapping")
 
