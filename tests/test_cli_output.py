@@ -411,12 +411,14 @@ def test_natural_key():
 
 def test_every_kind_inspect_can_show_is_documented_in_the_readme():
     from normcli.inspection import NORM_CLASSES
+    from normcli.norm_act import NORM_ACT_CLASSES
     from normcli.onnx_reader import _NORM_OPS
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Kinds", 1)[1].split("\n## ", 1)[0]
     inferred = {"BatchNorm?", "FrozenBatchNorm?", "FilterResponseNorm?", "MABN2d?", "AffineNorm?", "WeightNorm?"}
-    for kind in {*NORM_CLASSES, *_NORM_OPS, "WeightNorm", *inferred}:
+    norm_act = {name.rsplit(".", 1)[-1] for name in NORM_ACT_CLASSES}
+    for kind in {*NORM_CLASSES, *_NORM_OPS, *norm_act, "WeightNorm", "functional", *inferred}:
         assert f"`{kind}`" in section, kind
 
 
