@@ -411,12 +411,14 @@ def test_natural_key():
 
 def test_every_kind_inspect_can_show_is_documented_in_the_readme():
     from normcli.inspection import NORM_CLASSES
+    from normcli.norm_act import NORM_ACT_CLASSES
     from normcli.onnx_reader import _NORM_OPS
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Kinds", 1)[1].split("\n## ", 1)[0]
     inferred = {"BatchNorm?", "FrozenBatchNorm?", "FilterResponseNorm?", "MABN2d?", "AffineNorm?", "WeightNorm?"}
-    for kind in {*NORM_CLASSES, *_NORM_OPS, "WeightNorm", *inferred}:
+    norm_act = {name.rsplit(".", 1)[-1] for name in NORM_ACT_CLASSES}
+    for kind in {*NORM_CLASSES, *_NORM_OPS, *norm_act, "WeightNorm", "functional", *inferred}:
         assert f"`{kind}`" in section, kind
 
 
@@ -435,3 +437,35 @@ def test_swap_groups_the_findings_that_stop_it(tmp_path):
     verbose = run("swap", tmp_path / "fresh.pt", "--to", "mabn", "-o", tmp_path / "o.pt", "--unsafe-load", "-v")
     each = [line for line in verbose.stderr.splitlines() if re.match(r"error\s+\d+ stale-stats:", line)]
     assert len(each) == 13
+
+
+def test_arch_gives_the_models_order_for_safetensors(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.ModuleDict({'stem': nn.BatchNorm2d(4), 'body': nn.BatchNorm2d(4), "
+        "'head': nn.BatchNorm2d(4)}))\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("arch_for_order", tmp_path / "arch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(2.0)
+            m.num_batches_tracked.fill_(3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+
+    def names(*extra):
+        done = run("inspect", tmp_path / "m.safetensors", "--json", *extra)
+        assert done.returncode == 0, done.stderr
+        return [x["name"] for x in json.loads(done.stdout)["layers"]]
+
+    assert names() == ["0.body", "0.head", "0.stem"]  # the file alone: natural order of its sorted keys
+    assert names("--arch", f"{tmp_path / 'arch.py'}:build") == ["0.stem", "0.body", "0.head"]

@@ -90,7 +90,7 @@ def test_float16_model_passes_against_a_float32_run_through_the_installed_normcl
     # the same file with a float32 tolerance the user asks for: judged by it (and float16 cannot meet it)
     strict = run_normcli("fuse-export", ckpt, "-o", tmp_path / "strict.onnx", "--arch", f"{arch}:build",
                          "--input-shape", shape, "--atol", "1e-7", "--rtol", "1e-7")
-    assert strict.returncode == 1 and strict.stderr.startswith("error: parity failed")
+    assert strict.returncode == 1 and error_line(strict.stderr).startswith("error: parity failed")
     assert "atol=1e-07" in strict.stderr and not (tmp_path / "strict.onnx").exists()
 
 

@@ -26,8 +26,8 @@ PANEL_OF = {
     "arch": "Model", "arch_kwargs": "Model", "to": "Model", "include": "Model", "exclude": "Model",
     "learnable_eps": "Model", "batch": "Model", "real_batch": "Model", "warmup_iters": "Model",
     "momentum": "Model", "cenconv": "Model", "groups": "Model", "call": "Model", "forward": "Model",
-    "exporter": "Model", "opset": "Model", "dynamic_batch": "Model", "precision": "Model",
-    "provider": "Model", "lower_unfolded": "Model",
+    "exporter": "Model", "opset": "Model", "dynamic_batch": "Model", "precision": "Model", "lower_unfolded": "Model",
+    "provider": "Model",
     # what is written or printed
     "output": "Output", "json_out": "Output", "fmt": "Output", "save_fused": "Output", "save_inputs": "Output",
     "save_outputs": "Output", "keep_on_fail": "Output", "quiet": "Output", "verbose": "Output",

@@ -319,6 +319,7 @@ def render(report, detail: list, reporter=None) -> None:
     from normcli.cli.tables import output_width, print_table
 
     console = out_console
+    pipe = not console.is_terminal  # a pipe gets each message on one line; a terminal wraps them at words
     verbose = bool(reporter and reporter.verbose)
     title = cell(f"{report.path}  [{report.format}" + (f", weights under {report.state_dict_key!r}"
                                                           if report.state_dict_key else "") + "]")
@@ -332,21 +333,21 @@ def render(report, detail: list, reporter=None) -> None:
         most = max(x.values["running_var"].size for x in binned)
         console.print(f"var per channel: one character per channel up to {spark}; {len(binned)} layer(s) with more "
                       f"channels are binned, each character the mean of up to {-(-most // spark)} channels",
-                      soft_wrap=True)
+                      soft_wrap=pipe)
     for x in report.layers:
         if x.kind == "WeightNorm":
             over = "all of v" if x.norm_dim is None else f"dim {x.norm_dim}"
             console.print(f"{cell(x.name or '(root)')}: weight norm over {over}; g (weight) {_range(x.weight)}, "
-                          f"||v|| per slice {_range(x.direction_norm)}", soft_wrap=True)
+                          f"||v|| per slice {_range(x.direction_norm)}", soft_wrap=pipe)
     for x in detail:
-        _render_channels(console, x)
+        _render_channels(console, x, reporter)
     width = output_width(console)
     for severity, code, members in group_findings(report.layers):
         color = SEVERITY_COLOUR[severity]
         if len(members) == 1 or verbose:
             for x, f in members:
                 console.print(f"[{color}]{severity:<7}[/] {cell(x.name)} [bold]{cell(f.code)}[/]: {cell(f.message)}",
-                              soft_wrap=True)
+                              soft_wrap=pipe)
             continue
         from normcli.cli.tables import join_names
 
@@ -354,12 +355,12 @@ def render(report, detail: list, reporter=None) -> None:
         names = join_names([x.name or "(root)" for x, _ in members], None if width is None else
                            max(20, width - len(head)))
         console.print(f"[{color}]{severity:<7}[/] [bold]{cell(code)}[/] in {len(members)} layers: {cell(names)}",
-                      soft_wrap=True)
+                      soft_wrap=pipe)
         first, f = members[0]
-        console.print(f"        {cell(first.name or '(root)')}: {cell(f.message)}", soft_wrap=True)
+        console.print(f"        {cell(first.name or '(root)')}: {cell(f.message)}", soft_wrap=pipe)
     for f in report.file_findings:
         color = SEVERITY_COLOUR[f.severity]
-        console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{cell(f.code)}[/]: {cell(f.message)}", soft_wrap=True)
+        console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{cell(f.code)}[/]: {cell(f.message)}", soft_wrap=pipe)
     if report.trust:
         console.print(f"trust: {report.trust['verdict']}", style="dim")
     s = report.summary
@@ -370,18 +371,22 @@ def render(report, detail: list, reporter=None) -> None:
     console.print(f"{s['layers']} norm layers ({kinds}); {s['error']} errors, {s['warning']} warnings, "
                   f"{s['info']} info" + ("; '?' marks kinds inferred from buffer names" if any(
                       x.inferred for x in report.layers) else "")
-                  + ("; repeated findings grouped (-v lists each)" if grouped else ""), soft_wrap=True)
+                  + ("; repeated findings grouped (-v lists each)" if grouped else ""), soft_wrap=pipe)
 
 
-def _render_channels(console, x) -> None:
+def _render_channels(console, x, reporter=None) -> None:
+    """One row per channel of a --layer match. When narrow, dropped first: direction_norm, bias, weight,
+    running_mean, scale; ch, running_var and flags stay."""
     import numpy as np
-    from rich.table import Table
 
-    table = Table(title=cell(f"{x.name} ({x.kind}, {x.num_features} channels)"), title_justify="left",
-                  header_style="bold", box=None, pad_edge=False)
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column, print_table
+
     cols = [k for k in ("running_mean", "running_var", "weight", "bias", "direction_norm") if k in x.values]
-    for col in ["ch", *cols, "scale", "flags"]:
-        table.add_column(col, justify="right" if col != "flags" else "left")
+    priority = {"running_mean": 5, "running_var": 1, "weight": 6, "bias": 7, "direction_norm": 8}
+    short = {"running_mean": "mean", "running_var": "var", "direction_norm": "||v||"}
+    columns = [Column("ch", 1, "right"), *[Column(k, priority[k], "right", short=short.get(k)) for k in cols],
+               Column("scale", 4, "right"), Column("flags", 1, name=True)]
     eps = x.eps if x.eps is not None else 1e-5
     var = x.values.get("running_var")
     weight = x.values.get("weight")
@@ -391,9 +396,11 @@ def _render_channels(console, x) -> None:
     for f in x.findings:
         for c in f.channels:
             flags.setdefault(c, []).append(f.code)
+    rows = []
     for c in range(x.num_features):
         row = [str(c)] + [_num(float(x.values[k][c])) for k in cols]
         row.append("-" if scale is None else _num(float(np.broadcast_to(scale, (x.num_features,))[c])))
-        row.append(cell(" ".join(flags.get(c, []))))
-        table.add_row(*row)
-    console.print(table)
+        row.append(safe_text(" ".join(flags.get(c, []))))
+        rows.append(row)
+    print_table(console, columns, rows, title=safe_text(f"{x.name} ({x.kind}, {x.num_features} channels)"),
+                note_console=reporter.note if reporter else None)

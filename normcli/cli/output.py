@@ -84,7 +84,7 @@ class Reporter:
         """A remark for the user (Rich markup allowed); not under --quiet."""
         if self.quiet:
             return
-        self.console.print(message, style=style, soft_wrap=True)
+        self.console.print(message, style=style, soft_wrap=not self.tty)  # a terminal wraps it at words
 
     def info(self, message: str) -> None:
         """A detail only --verbose prints."""
@@ -124,8 +124,8 @@ class Reporter:
         if self not in _ACTIVE:
             return
         _ACTIVE.remove(self)
+        self._stop_live()  # first: its last frame still names the stage
         self._end_stage()
-        self._stop_live()
         if self.verbose and not self.quiet:
             self._plain(f"[{self.command} {self.elapsed():.1f}s] finished")
 
@@ -141,8 +141,8 @@ class Reporter:
 
     def pause(self) -> None:
         """End the stage and the live display so that the command can print (the next stage resumes)."""
-        self._end_stage()
         self._stop_live()
+        self._end_stage()
 
     def abort(self) -> None:
         """The command failed: clear the live display so the error line stands alone; no "done" lines."""
