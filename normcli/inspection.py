@@ -17,6 +17,10 @@ from normcli.errors import NormcliError
 
 SEVERITIES = ("error", "warning", "info")
 FINDING_SEVERITY = {
+    "shard-missing": "error",
+    "shard-stray": "error",
+    "shard-duplicate": "error",
+    "shard-mismatch": "error",
     "non-finite": "error",
     "negative-var": "error",
     "stale-stats": "error",
@@ -92,15 +96,19 @@ class InspectReport:
     file_findings: list[Finding] = field(default_factory=list)  # about the file, not a layer (trust, shards)
     trust: dict | None = None           # {"verdict": ..., "globals": [{"name", "kind"}]} (normcli/schemas/inspect.schema.json)
 
+    def all_findings(self) -> list[Finding]:
+        """The file's own findings, then every layer's."""
+        return [*self.file_findings, *(f for layer in self.layers for f in layer.findings)]
+
     @property
     def summary(self) -> dict[str, Any]:
         kinds = Counter(layer.kind for layer in self.layers)
-        sev = Counter(f.severity for layer in self.layers for f in layer.findings)
+        sev = Counter(f.severity for f in self.all_findings())
         return {"layers": len(self.layers), "kinds": dict(sorted(kinds.items())),
                 **{s: sev.get(s, 0) for s in SEVERITIES}}
 
     def worst_severity(self) -> str | None:
-        present = {f.severity for layer in self.layers for f in layer.findings}
+        present = {f.severity for f in self.all_findings()}
         return next((s for s in SEVERITIES if s in present), None)
 
 
@@ -142,7 +150,8 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load) -
         notes.append("removed key prefixes " + ", ".join(repr(s) for s in tf.stripped_prefixes))
     if tf.other_state_dicts:
         notes.append("also holds " + ", ".join(tf.other_state_dicts) + " (choose with --key)")
-    return InspectReport(str(path), tf.format, layers, state_dict_key=tf.state_dict_key, notes=notes)
+    return InspectReport(str(path), tf.format, layers, state_dict_key=tf.state_dict_key, notes=notes,
+                         file_findings=list(tf.file_findings))
 
 
 # ------------------------------------------------------------------------------------------ layer discovery

@@ -76,7 +76,9 @@ def report_json(report, detail: list) -> dict:
             entry["channels"] = {k: v.tolist() for k, v in x.values.items()}
         layers.append(entry)
     return jsonable({"path": report.path, "format": report.format, "state_dict_key": report.state_dict_key,
-                     "notes": report.notes, "layers": layers, "summary": report.summary})
+                     "notes": report.notes, "layers": layers, "summary": report.summary,
+                     "file_findings": [{"code": f.code, "severity": f.severity, "message": f.message}
+                                       for f in report.file_findings]})
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -158,6 +160,9 @@ def render(report, detail: list) -> None:
         color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
         console.print(f"[{color}]{f.severity:<7}[/] {cell(x.name)} [bold]{cell(f.code)}[/]: {cell(f.message)}",
                       soft_wrap=True)
+    for f in report.file_findings:
+        color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
+        console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{f.code}[/]: {escape(f.message)}", soft_wrap=True)
     s = report.summary
     kinds = ", ".join(f"{k} {n}" for k, n in s["kinds"].items()) or "none"
     for note in report.notes:

@@ -1,0 +1,409 @@
+"""torch.distributed.checkpoint directories (``.metadata`` + ``*.distcp``), read without torch.distributed and
+without running anything the files carry.
+
+``.metadata`` is a pickle of DCP's dataclasses (``Metadata``, ``TensorStorageMetadata``,
+``ChunkStorageMetadata``, ``MetadataIndex``, ``_StorageInfo``, ...). normcli's safe unpickler turns each into
+an inert placeholder holding the state the pickle gave it; this module reads those placeholders by qualified
+name (nothing is imported) and checks every value: each tensor is a list of chunks (offsets and sizes inside
+the tensor's shape), each chunk a byte range of one ``.distcp`` file (inside that file) holding a
+``torch.save``'d tensor of exactly the chunk's shape, read with the same checked zip/pickle reading as a
+``.pt`` file. The chunks of a tensor must cover it exactly once; the full tensor is assembled from them only
+when a caller loads it. Non-tensor entries (DCP's ``BytesStorageMetadata``, which ``dcp.load`` unpickles
+with ``weights_only=False``) are not read, but the globals their pickles name are reported.
+
+Layout from torch/distributed/checkpoint/filesystem.py (``_write_item``, ``_StorageInfo``, ``finish``).
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normcli.errors import NormcliError
+from normcli.limits import DEFAULT_LIMITS, LimitExceeded, Limits
+
+_MD = "torch.distributed.checkpoint.metadata."
+_FS = "torch.distributed.checkpoint.filesystem."
+# Globals a DCP .metadata names that are DCP's own records (read here as data): anything else in it would
+# run under dcp.load's plain pickle.load, and is reported as unsafe.
+DCP_RECORDS = {
+    _MD + "Metadata", _MD + "TensorStorageMetadata", _MD + "BytesStorageMetadata", _MD + "ChunkStorageMetadata",
+    _MD + "TensorProperties", _MD + "MetadataIndex", _MD + "StorageMeta", _MD + "_MEM_FORMAT_ENCODING",
+    _FS + "_StorageInfo", _FS + "_StoragePrefix", "torch.serialization._get_layout", "torch.strided",
+    "torch.sparse_coo", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path",
+    "torch.distributed.checkpoint.planner.LoadItemType", "torch.distributed.checkpoint.planner.WriteItemType",
+}
+MAX_INT = 2 ** 48
+
+
+def _fail(where, what: str) -> NormcliError:
+    return NormcliError(f"{where}: {what}; the checkpoint is corrupt or crafted")
+
+
+def _state(obj: Any, qualname: str, where) -> dict:
+    """The fields a placeholder of class ``qualname`` was given (BUILD state, dict or (dict, slots))."""
+    from normcli.safe_pickle import Placeholder
+
+    if not isinstance(obj, Placeholder) or obj.qualname != qualname:
+        found = obj.qualname if isinstance(obj, Placeholder) else type(obj).__name__
+        raise _fail(where, f"expected a {qualname.rsplit('.', 1)[-1]} record, found {found}")
+    state = obj._state
+    if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+        state = {**(state[0] or {}), **(state[1] or {})}
+    if state is None:
+        state = {}
+    if not isinstance(state, (dict, tuple)):
+        raise _fail(where, f"a {qualname.rsplit('.', 1)[-1]} record holds {type(state).__name__}")
+    return state
+
+
+def _ints(value: Any, where, what: str, limit: int = 64) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > limit or \
+            not all(type(v) is int and 0 <= v <= MAX_INT for v in value):
+        raise _fail(where, f"{what} is {value!r:.60}, not a list of non-negative integers")
+    return tuple(value)
+
+
+def _int(value: Any, where, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise _fail(where, f"{what} is {value!r:.40}, not a non-negative integer")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+class _Mapped:
+    """One .distcp file, opened once and memory-mapped; every range is checked against its real size."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        self.path = path
+
+    def view(self, offset: int, length: int, what: str) -> memoryview:
+        if offset + length > self.size:
+            raise _fail(self.path, f"{what} claims bytes {offset}..{offset + length}, past the file's end "
+                                   f"({self.size} bytes)")
+        return memoryview(self.mm)[offset:offset + length]
+
+
+class _Region(io.RawIOBase):
+    """A seekable, read-only file over one byte range of a map (for zipfile)."""
+
+    def __init__(self, view: memoryview):
+        self.v = view
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), len(self.v) - self.pos))
+        b[:n] = self.v[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self.v) + pos)
+        self.pos = max(0, self.pos)
+        return self.pos
+
+
+def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str):
+    """The tensor a ``torch.save`` wrote at ``mf[offset:offset+length]`` (a torch zip), as a LazyArray over
+    the mapped bytes; also the globals its pickle names. Storage entries must be stored (uncompressed) and
+    lie inside the range."""
+    from normcli.formats import zip_prefix
+    from normcli.reader import _checked_load
+    from normcli.safe_pickle import LazyArray, _numpy_dtype, element_size, storage_from_pid
+
+    region = mf.view(offset, length, where)
+    if bytes(region[:4]) != b"PK\x03\x04":
+        raise _fail(mf.path, f"{where} is not a torch.save archive (DCP's torch_save format is the only one "
+                             "normcli reads)")
+    try:
+        z = zipfile.ZipFile(_Region(region))
+        names = z.namelist()
+        prefix = zip_prefix(names)
+        infos = {i.filename: i for i in z.infolist()}
+        if len(infos) != len(names):
+            raise _fail(mf.path, f"{where} has duplicate zip entries")
+        pkl = infos.get(f"{prefix}data.pkl")
+        if pkl is None or pkl.file_size > 1024 * 1024:
+            raise _fail(mf.path, f"{where} has no (or an implausibly large) data.pkl")
+        data = z.read(pkl)
+    except zipfile.BadZipFile as e:
+        raise _fail(mf.path, f"{where} is a damaged zip ({e})") from None
+
+    def entry_data(ref) -> np.ndarray:
+        info = infos.get(f"{prefix}data/{ref.key}")
+        if info is None or info.compress_type != zipfile.ZIP_STORED:
+            raise _fail(mf.path, f"{where}: storage {ref.key} is missing or compressed")
+        h = info.header_offset
+        if h + 30 > length:
+            raise _fail(mf.path, f"{where}: storage {ref.key} lies outside the chunk")
+        name_len, extra_len = struct.unpack("<HH", bytes(region[h + 26:h + 30]))
+        start = h + 30 + name_len + extra_len
+        nbytes = ref.numel * element_size(ref.dtype)
+        if nbytes > info.file_size or start + nbytes > length:
+            raise _fail(mf.path, f"{where}: storage {ref.key} is shorter than its tensor says")
+        return np.frombuffer(mf.mm, dtype=_numpy_dtype(ref.dtype), count=ref.numel, offset=offset + start)
+
+    storages: dict = {}
+
+    def persistent_load(pid):
+        ref = storage_from_pid(pid, entry_data)
+        return storages.setdefault(ref.key, ref)
+
+    try:
+        value, unpickler = _checked_load(io.BytesIO(data), persistent_load)
+    except NormcliError:
+        raise
+    except Exception as e:
+        raise _fail(mf.path, f"{where}: cannot read its pickle ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(value, LazyArray):
+        raise _fail(mf.path, f"{where} does not hold a tensor")
+    return value, list(unpickler.globals_seen)
+
+
+def _pickle_globals_of(view: memoryview) -> list[str]:
+    """Globals a BYTE_IO item's pickle (a torch.save zip) names, by opcodes only."""
+    from normcli.reader import _pickle_globals
+
+    return _pickle_globals(bytes(view))
+
+
+def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_LIMITS):
+    """Read a torch.distributed.checkpoint directory as one TensorFile (format ``dcp``)."""
+    from normcli.reader import STATE_DICT_KEYS, TensorFile, _checked_load, _strip_wrapper_prefixes
+    from normcli.safe_pickle import (STORAGE_DTYPES, TORCH_DTYPE_STORAGE, LazyArray, StorageRef, _numpy_dtype,
+                                     element_size, is_unsafe_global)
+    from normcli.sharded import shard_path
+
+    meta_path = directory / ".metadata"
+    try:
+        with open(meta_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limits.max_dcp_metadata_bytes:
+                raise LimitExceeded(f"{meta_path}: {size} bytes", "max_dcp_metadata_bytes",
+                                    limits.max_dcp_metadata_bytes)
+            raw = f.read(limits.max_dcp_metadata_bytes + 1)
+    except OSError as e:
+        raise NormcliError(f"{meta_path}: cannot read ({e.strerror})") from None
+    try:
+        root, unpickler = _checked_load(io.BytesIO(raw))
+    except NormcliError:
+        raise
+    except Exception as e:
+        raise _fail(meta_path, f"cannot read the pickle ({type(e).__name__}: {str(e)[:80]})") from None
+    globals_seen = list(unpickler.globals_seen)
+
+    md = _state(root, _MD + "Metadata", meta_path)
+    sdm = md.get("state_dict_metadata")
+    storage = md.get("storage_data")
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        raise _fail(meta_path, "Metadata has no state_dict_metadata or storage_data mapping")
+    if len(storage) > limits.max_dcp_chunks:
+        raise LimitExceeded(f"{meta_path}: {len(storage)} stored items", "max_dcp_chunks", limits.max_dcp_chunks)
+
+    # (fqn, chunk offsets) -> (relative path, offset, length)
+    where_stored: dict[tuple, tuple[str, int, int]] = {}
+    for idx, info in storage.items():
+        i = _state(idx, _MD + "MetadataIndex", meta_path)
+        s = _state(info, _FS + "_StorageInfo", meta_path)
+        fqn = i.get("fqn")
+        if not isinstance(fqn, str):
+            raise _fail(meta_path, "a MetadataIndex has no tensor name")
+        off = i.get("offset")
+        off = None if off is None else _ints(off, meta_path, f"the offset of {fqn!r}")
+        if s.get("transform_descriptors"):
+            raise NormcliError(f"{meta_path}: {fqn!r} is stored through the transforms "
+                               f"{list(s['transform_descriptors'])!r:.80} (e.g. compression), which normcli does "
+                               "not read")
+        rel = s.get("relative_path")
+        where_stored[(fqn, off)] = (rel, _int(s.get("offset"), meta_path, f"{fqn!r}'s offset"),
+                                    _int(s.get("length"), meta_path, f"{fqn!r}'s length"))
+
+    files: dict[str, _Mapped] = {}
+    missing: list[str] = []
+
+    def open_file(rel: Any) -> _Mapped | None:
+        if rel not in files:
+            p = shard_path(directory, rel, meta_path)
+            if not p.is_file():
+                missing.append(rel)
+                files[rel] = None
+            else:
+                files[rel] = _Mapped(p)
+        return files[rel]
+
+    tensors: dict[str, LazyArray] = {}
+    chunks_seen = 0
+    skipped_bytes = []
+    for fqn, tmeta in sdm.items():
+        if not isinstance(fqn, str):
+            raise _fail(meta_path, "a state dict entry has a name that is not a string")
+        from normcli.safe_pickle import Placeholder
+
+        if isinstance(tmeta, Placeholder) and tmeta.qualname == _MD + "BytesStorageMetadata":
+            stored = where_stored.get((fqn, None))
+            if stored is not None:
+                mf = open_file(stored[0])
+                if mf is not None:
+                    globals_seen += [g for g in _pickle_globals_of(mf.view(stored[1], stored[2], repr(fqn)))
+                                     if g not in globals_seen]
+            skipped_bytes.append(fqn)
+            continue
+        t = _state(tmeta, _MD + "TensorStorageMetadata", meta_path)
+        props = t.get("properties")
+        pstate = _state(props, _MD + "TensorProperties", meta_path)
+        dtype_name = pstate[0] if isinstance(pstate, tuple) and pstate else (
+            pstate.get("dtype") if isinstance(pstate, dict) else None)
+        if not isinstance(dtype_name, str) or dtype_name not in TORCH_DTYPE_STORAGE:
+            raise NormcliError(f"{meta_path}: tensor {fqn!r} has dtype {dtype_name!r:.40}, which normcli does not "
+                               "read")
+        dtype = STORAGE_DTYPES[TORCH_DTYPE_STORAGE[dtype_name]][0]
+        shape = _ints(t.get("size"), meta_path, f"the size of {fqn!r}")
+        chunk_list = t.get("chunks")
+        if not isinstance(chunk_list, list) or not chunk_list:
+            raise _fail(meta_path, f"tensor {fqn!r} has no chunks")
+        chunks_seen += len(chunk_list)
+        if chunks_seen > limits.max_dcp_chunks:
+            raise LimitExceeded(f"{meta_path}: more than {limits.max_dcp_chunks} chunks", "max_dcp_chunks",
+                                limits.max_dcp_chunks)
+        numel = 1
+        for s in shape:
+            numel *= s
+        pieces = []
+        covered = 0
+        absent = False
+        for c in chunk_list:
+            cs = _state(c, _MD + "ChunkStorageMetadata", meta_path)
+            offsets = _ints(cs.get("offsets"), meta_path, f"a chunk offset of {fqn!r}")
+            sizes = _ints(cs.get("sizes"), meta_path, f"a chunk size of {fqn!r}")
+            if len(offsets) != len(shape) or len(sizes) != len(shape) or \
+                    any(o + n > s for o, n, s in zip(offsets, sizes, shape)):
+                raise _fail(meta_path, f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} lies outside "
+                                       f"the tensor's shape {list(shape)}")
+            stored = where_stored.get((fqn, offsets))
+            if stored is None:
+                raise _fail(meta_path, f"the chunk of {fqn!r} at {list(offsets)} has no storage entry")
+            mf = open_file(stored[0])
+            if mf is None:
+                absent = True
+                continue
+            where = f"chunk {list(offsets)} of {fqn!r} in {stored[0]}"
+            arr, names = read_saved_tensor(mf, stored[1], stored[2], where)
+            globals_seen += [g for g in names if g not in globals_seen]
+            if tuple(arr.shape) != sizes or element_size(arr.dtype) != element_size(dtype):
+                raise _fail(meta_path, f"{where} holds a {arr.dtype}{list(arr.shape)} tensor, not "
+                                       f"{dtype}{list(sizes)}")
+            volume = 1
+            for n in sizes:
+                volume *= n
+            covered += volume
+            pieces.append((offsets, sizes, arr))
+        if absent:
+            continue
+        _check_cover(fqn, shape, numel, pieces, covered, meta_path)
+        if len(pieces) == 1 and tuple(pieces[0][2].shape) == shape:
+            tensors[fqn] = pieces[0][2]
+            continue
+        ref = StorageRef(fqn, dtype, numel, _assembler(shape, dtype, pieces))
+        tensors[fqn] = LazyArray(ref, 0, shape, _contiguous(shape), dtype)
+
+    from normcli.inspection import Finding
+
+    findings = []
+    if missing:
+        findings.append(Finding("shard-missing", "error", f"{len(missing)} .distcp files named by .metadata are "
+                                f"missing ({', '.join(repr(m) for m in missing[:6])}); their tensors are left out"))
+    named = {v[0] for v in where_stored.values()}
+    stray = sorted(p.name for p in directory.iterdir() if p.name.endswith(".distcp") and p.name not in named)
+    if stray:
+        findings.append(Finding("shard-stray", "error", f"{len(stray)} .distcp files are not named by .metadata: "
+                                f"{', '.join(repr(s) for s in stray[:6])}; they are left over from another save"))
+    if not tensors:
+        raise NormcliError(f"{directory}: the distributed checkpoint holds no tensor that could be read")
+
+    sd, state_key, others = _choose_state_dict(tensors, key, STATE_DICT_KEYS, directory)
+    sd, stripped = _strip_wrapper_prefixes(sd)
+    unsafe = [g for g in globals_seen if g not in DCP_RECORDS and is_unsafe_global(g)]
+    return TensorFile(str(directory), "dcp", "dcp", sd, state_dict_key=state_key, stripped_prefixes=stripped,
+                      unsafe_globals=unsafe, other_state_dicts=others, globals=globals_seen,
+                      file_findings=findings)
+
+
+def _check_cover(fqn: str, shape: tuple, numel: int, pieces: list, covered: int, where) -> None:
+    """The chunks cover the tensor exactly once: their volumes add up to it and no two overlap."""
+    if covered != numel:
+        raise _fail(where, f"the chunks of {fqn!r} hold {covered} elements of a tensor of {numel} "
+                           f"(shape {list(shape)}): they do not cover it exactly")
+    boxes = sorted((p[0], p[1]) for p in pieces)
+    for i, (o1, s1) in enumerate(boxes):
+        for o2, s2 in boxes[i + 1:]:
+            if o2[0] >= o1[0] + s1[0] if shape else False:
+                break  # sorted by the first offset: no later box reaches back
+            if all(a < b + m and b < a + n for a, n, b, m in zip(o1, s1, o2, s2)) and \
+                    all(n > 0 for n in s1) and all(m > 0 for m in s2):
+                raise _fail(where, f"two chunks of {fqn!r} overlap (at {list(o1)} and {list(o2)})")
+
+
+def _assembler(shape: tuple, dtype: str, pieces: list):
+    from normcli.safe_pickle import _numpy_dtype
+
+    def read(ref) -> np.ndarray:
+        out = np.empty(shape, dtype=_numpy_dtype(dtype))
+        for offsets, sizes, arr in pieces:
+            values = arr.load()
+            if dtype == "bfloat16":  # load() widened it to float32; keep the stored bits
+                values = (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+            out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = values.reshape(sizes)
+        return out.reshape(-1)
+
+    return read
+
+
+def _contiguous(shape: tuple) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _choose_state_dict(tensors: dict, key: str | None, preferred: tuple, where) -> tuple[dict, str | None, list]:
+    """DCP flattens nested state dicts with dots (``model.conv1.weight``, ``optim.state...``): pick the model's
+    part the way a nested .pt checkpoint's is picked (``--key`` or the usual names)."""
+    groups: dict[str, int] = {}
+    for name in tensors:
+        head, dot, _ = name.partition(".")
+        if dot:
+            groups[head] = groups.get(head, 0) + 1
+    if key is not None:
+        sd = {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
+        if not sd:
+            raise NormcliError(f"{where}: no tensor names start with {key + '.'!r}; top-level names: "
+                               f"{', '.join(sorted(groups)[:12])}")
+        return sd, key, []
+    if len(groups) > 1 and sum(groups.values()) == len(tensors):
+        found = [k for k in preferred if k in groups]
+        if found:
+            chosen = found[0]
+            return ({k[len(chosen) + 1:]: v for k, v in tensors.items() if k.startswith(chosen + ".")}, chosen,
+                    found[1:])
+    return dict(tensors), None, []
