@@ -83,13 +83,8 @@ def _is_index_file(p: Path, limits: Limits) -> bool:
             raw = head + f.read()
     except OSError:
         return False
-    if b'"weight_map"' not in raw:
-        return False
-    try:
-        data, _ = _parse_index_json(raw, p, limits)
-    except NormcliError:
-        return True  # it says it is an index: let the reader report what is wrong with it
-    return isinstance(data, dict) and isinstance(data.get("weight_map"), dict)
+    # an object that names a weight_map; whether it is a well-formed index is the reader's to say
+    return b'"weight_map"' in raw
 
 
 def find_index(directory: Path, limits: Limits = DEFAULT_LIMITS) -> Path | None:
@@ -172,12 +167,17 @@ def _parse_index_json(raw: bytes, where: Path, limits: Limits) -> tuple[Any, dic
     weight_map: name -> [shards])."""
     if len(raw) > limits.max_index_bytes:
         raise LimitExceeded(f"{where}: the index is {len(raw)} bytes", "max_index_bytes", limits.max_index_bytes)
-    # strings hold no structure: blank them, then count what remains (all in C, linear in the file)
-    bare = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
-    nodes = bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
-    if nodes > limits.max_index_nodes:
-        raise LimitExceeded(f"{where}: the index holds about {nodes} JSON values", "max_index_nodes",
-                            limits.max_index_nodes)
+    brackets = raw.count(b"[") + raw.count(b"{")
+    nodes = raw.count(b",") + brackets + 1  # counting inside strings too: an upper bound
+    if nodes <= limits.max_index_nodes and brackets <= limits.max_index_depth:
+        bare = b""  # neither limit can be reached: skip the exact count
+    else:
+        # strings hold no structure: blank them, then count what remains (all in C, linear in the file)
+        bare = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
+        nodes = bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
+        if nodes > limits.max_index_nodes:
+                raise LimitExceeded(f"{where}: the index holds about {nodes} JSON values", "max_index_nodes",
+                                limits.max_index_nodes)
     depth = 0
     deepest = 0
     for m in re.finditer(rb"[\[\]{}]", bare):
