@@ -9,7 +9,8 @@ the tensor's shape), each chunk a byte range of one ``.distcp`` file (inside tha
 ``torch.save``'d tensor of exactly the chunk's shape, read with the same checked zip/pickle reading as a
 ``.pt`` file. The chunks of a tensor must cover it exactly once; the full tensor is assembled from them only
 when a caller loads it. Non-tensor entries (DCP's ``BytesStorageMetadata``, which ``dcp.load`` unpickles
-with ``weights_only=False``) are not read, but the globals their pickles name are reported.
+with ``weights_only=False``) are not read, but the globals their pickles name are reported. A ``.distcp``
+written in DCP's safetensors format is read through its own (validated) safetensors header instead.
 
 Layout from torch/distributed/checkpoint/filesystem.py (``_write_item``, ``_StorageInfo``, ``finish``).
 """
@@ -133,8 +134,8 @@ def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str):
 
     region = mf.view(offset, length, where)
     if bytes(region[:4]) != b"PK\x03\x04":
-        raise _fail(mf.path, f"{where} is not a torch.save archive (DCP's torch_save format is the only one "
-                             "normcli reads)")
+        raise _fail(mf.path, f"{where} is not a torch.save archive (and the file is not in DCP's safetensors "
+                             "format)")
     try:
         z = zipfile.ZipFile(_Region(region))
         names = z.namelist()
@@ -178,6 +179,48 @@ def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str):
     if not isinstance(value, LazyArray):
         raise _fail(mf.path, f"{where} does not hold a tensor")
     return value, list(unpickler.globals_seen)
+
+
+def _safetensors_chunks(mf: _Mapped) -> dict | None:
+    """For a .distcp written in DCP's safetensors format: tensor name -> (LazyArray, saved offsets), read from
+    the file's own validated header; None when the file is not safetensors (DCP's default torch_save)."""
+    import json
+
+    from normcli.formats import read_safetensors_header
+    from normcli.reader import SAFETENSORS_DTYPES, _contiguous_strides
+    from normcli.safe_pickle import LazyArray, StorageRef, _numpy_dtype, element_size
+
+    head = bytes(mf.view(0, min(9, mf.size), "the file's header"))
+    if len(head) < 9 or head[8:9] != b"{" or 8 + int.from_bytes(head[:8], "little") > mf.size:
+        return None
+    header, start = read_safetensors_header(mf.path)
+    try:
+        info = json.loads((header.get("__metadata__") or {}).get("DCP_SHARDING_INFO", "{}"))
+    except (TypeError, ValueError, RecursionError):
+        raise _fail(mf.path, "its DCP_SHARDING_INFO is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise _fail(mf.path, "its DCP_SHARDING_INFO is not a JSON object")
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = _ints(meta["shape"], mf.path, f"the shape of {name!r}")
+            begin, end = (_int(x, mf.path, f"the offsets of {name!r}") for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _fail(mf.path, f"safetensors entry {name!r:.80} is malformed or of an unsupported dtype") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not begin <= end <= mf.size - start or end - begin != numel * element_size(dtype):
+            raise _fail(mf.path, f"safetensors entry {name!r:.80} claims bytes that do not fit its shape or the file")
+        saved = (info.get(name) or {}).get("saved_offsets") if isinstance(info.get(name), dict) else None
+        saved = None if saved is None else _ints(saved, mf.path, f"the saved offsets of {name!r}")
+        ref = StorageRef(name, dtype, numel, lambda r, off=start + begin: np.frombuffer(
+            mf.mm, dtype=_numpy_dtype(r.dtype), count=r.numel, offset=off))
+        out[name] = (LazyArray(ref, 0, shape, _contiguous_strides(shape), dtype), saved)
+    return out
 
 
 def _pickle_globals_of(view: memoryview) -> list[str]:
@@ -240,6 +283,7 @@ def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_L
 
     files: dict[str, _Mapped] = {}
     missing: list[str] = []
+    st_files: dict[str, dict | None] = {}
 
     def open_file(rel: Any) -> _Mapped | None:
         if rel not in files:
@@ -307,8 +351,15 @@ def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_L
                 absent = True
                 continue
             where = f"chunk {list(offsets)} of {fqn!r} in {stored[0]}"
-            arr, names = read_saved_tensor(mf, stored[1], stored[2], where)
-            globals_seen += [g for g in names if g not in globals_seen]
+            if stored[0] not in st_files:
+                st_files[stored[0]] = _safetensors_chunks(mf)
+            if st_files[stored[0]] is not None:  # DCP's safetensors format: the chunk is found by name
+                arr, saved = st_files[stored[0]].get(fqn, (None, None))
+                if arr is None or (saved is not None and saved != offsets):
+                    raise _fail(mf.path, f"{where} is not in the file (or is stored with other offsets)")
+            else:
+                arr, names = read_saved_tensor(mf, stored[1], stored[2], where)
+                globals_seen += [g for g in names if g not in globals_seen]
             if tuple(arr.shape) != sizes or element_size(arr.dtype) != element_size(dtype):
                 raise _fail(meta_path, f"{where} holds a {arr.dtype}{list(arr.shape)} tensor, not "
                                        f"{dtype}{list(sizes)}")

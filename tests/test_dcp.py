@@ -72,6 +72,22 @@ def test_one_process_checkpoint_inspects_like_its_state_dict(one_process, run_no
     assert_matches(doc, sample_sd)
 
 
+def test_safetensors_storage_format_is_read_too(tmp_path, run_normcli, sample_sd):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    directory = tmp_path / "dcp_st"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(sample_sd), storage_writer=FileSystemWriter(
+            str(directory), serialization_format=SerializationFormat.SAFETENSORS))
+    proc = run_normcli("inspect", directory, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["format"] == "dcp" and doc["file_findings"] == []
+    assert_matches(doc, sample_sd)
+
+
 def test_inspect_never_imports_torch_distributed(one_process, tmp_path):
     import subprocess
     import sys
