@@ -56,7 +56,7 @@ def checkpoint_kind(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) ->
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory that is one checkpoint (sharded or DCP): list it as one entry."""
-    return Path(path).is_dir() and checkpoint_kind(path) is not None
+    return os.path.isdir(path) and checkpoint_kind(path) is not None
 
 
 def _is_dcp_metadata(p: Path) -> bool:
@@ -290,6 +290,8 @@ def read_sharded(index: Path, key: str | None = None, limits: Limits = DEFAULT_L
             findings.append(_finding("shard-missing", f"shard {shard!r} named by the index is missing "
                                      f"({len(listed.get(shard, ()))} tensors: {_names(sorted(listed.get(shard, ())), 3)})"))
             continue
+        if checkpoint_kind(p, limits) is not None:  # an index naming an index (itself, say) would never end
+            raise NormcliError(f"{index}: shard {shard!r} is itself a sharded index; a shard holds tensors only")
         tf = read_tensors(p)
         if tf.format not in ("safetensors", "state-dict", "checkpoint"):
             raise NormcliError(f"{index}: shard {shard!r} holds a {tf.format}, not a state dict; a shard holds "

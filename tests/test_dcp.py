@@ -354,3 +354,28 @@ def test_dcp_directory_is_one_checkpoint(one_process, tmp_path):
     fake.mkdir()
     (fake / ".metadata").write_bytes(b"not a pickle")
     assert checkpoint_kind(fake) is None
+
+
+@pytest.mark.slow
+def test_overlapping_chunks_are_refused(two_process, tmp_path, run_normcli):
+    d = _copy(two_process, tmp_path / "bad")
+
+    def edit(meta):
+        # the second chunk of conv1.weight moved up one row: the volumes still add up to the tensor's, but
+        # row 3 is claimed twice and the last row by no chunk
+        t = meta.state_dict_metadata["conv1.weight"]
+        c0, c1 = sorted(t.chunks, key=lambda c: c.offsets[0])
+        old = list(c1.offsets)
+        new = torch.Size([c1.offsets[0] - 1, *c1.offsets[1:]])
+        for idx, info in list(meta.storage_data.items()):
+            if idx.fqn == "conv1.weight" and list(idx.offset) == old:
+                del meta.storage_data[idx]
+                from torch.distributed.checkpoint.metadata import MetadataIndex
+
+                meta.storage_data[MetadataIndex("conv1.weight", new)] = info
+        c1.offsets = new
+
+    _rewrite(d, edit)
+    proc = run_normcli("inspect", d, "--json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "overlap" in proc.stderr, proc.stderr

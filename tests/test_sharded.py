@@ -319,3 +319,12 @@ def test_fuse_export_takes_a_sharded_checkpoint_with_arch(tmp_path, run_normcli,
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["parity"]["passed"] and doc["folded"] and out.is_file()
+
+
+def test_an_index_naming_itself_is_refused(tmp_path, run_normcli, sample_sd):
+    index = write_sharded(sample_sd, tmp_path / "ckpt")
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["bn1.weight"] = index.name
+    index.write_text(json.dumps(doc))
+    proc = run_normcli("inspect", index)
+    assert proc.returncode == 2 and "itself a sharded index" in proc.stderr and "Traceback" not in proc.stderr
