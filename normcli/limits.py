@@ -35,7 +35,7 @@ class Limits:
     # Sharded checkpoints (normcli.sharded): the index JSON (size, values, nesting) and the shard files it may
     # name. The largest real indexes (a 671B-parameter MoE: 163 shards, ~90k tensors, ~9 MB) stay far below.
     max_index_bytes: int = 64 * 1024 * 1024
-    max_index_nodes: int = 2_000_000
+    max_index_nodes: int = 1_000_000
     max_index_depth: int = 64
     max_shards: int = 4096
     # torch.distributed.checkpoint directories (normcli.dcp): the .metadata pickle and the tensor chunks it

@@ -167,25 +167,21 @@ def _parse_index_json(raw: bytes, where: Path, limits: Limits) -> tuple[Any, dic
     weight_map: name -> [shards])."""
     if len(raw) > limits.max_index_bytes:
         raise LimitExceeded(f"{where}: the index is {len(raw)} bytes", "max_index_bytes", limits.max_index_bytes)
+    # counted over the raw text, strings included: an upper bound that needs no copy of the file (tensor
+    # names with commas, colons or brackets are rare; the default limits leave a wide margin for them)
     brackets = raw.count(b"[") + raw.count(b"{")
-    nodes = raw.count(b",") + brackets + 1  # counting inside strings too: an upper bound
-    if nodes <= limits.max_index_nodes and brackets <= limits.max_index_depth:
-        bare = b""  # neither limit can be reached: skip the exact count
-    else:
-        # strings hold no structure: blank them, then count what remains (all in C, linear in the file)
-        bare = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
-        nodes = bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
-        if nodes > limits.max_index_nodes:
-                raise LimitExceeded(f"{where}: the index holds about {nodes} JSON values", "max_index_nodes",
-                                limits.max_index_nodes)
-    depth = 0
-    deepest = 0
-    for m in re.finditer(rb"[\[\]{}]", bare):
-        depth += 1 if m.group() in (b"[", b"{") else -1
-        deepest = max(deepest, depth)
-    if deepest > limits.max_index_depth:
-        raise LimitExceeded(f"{where}: the index nests {deepest} levels deep", "max_index_depth",
-                            limits.max_index_depth)
+    nodes = raw.count(b",") + raw.count(b":") + brackets + 1
+    if nodes > limits.max_index_nodes:
+        raise LimitExceeded(f"{where}: the index holds up to {nodes} JSON values", "max_index_nodes",
+                            limits.max_index_nodes)
+    if brackets > limits.max_index_depth:
+        depth = deepest = 0
+        for m in re.finditer(rb"[\[\]{}]", raw):
+            depth += 1 if m.group() in (b"[", b"{") else -1
+            deepest = max(deepest, depth)
+        if deepest > limits.max_index_depth:
+            raise LimitExceeded(f"{where}: the index nests {deepest} levels deep", "max_index_depth",
+                                limits.max_index_depth)
     repeated: list[tuple[dict, str, Any]] = []
 
     def pairs_hook(pairs):
@@ -287,8 +283,10 @@ def read_sharded(index: Path, key: str | None = None, limits: Limits = DEFAULT_L
         p = paths[shard]
         if not p.is_file():
             missing.append(shard)
+            held = listed.get(shard, set())
             findings.append(_finding("shard-missing", f"shard {shard!r} named by the index is missing "
-                                     f"({len(listed.get(shard, ()))} tensors: {_names(sorted(listed.get(shard, ())), 3)})"))
+                                     f"({len(held)} tensors: {_names(sorted(held)[:3] if len(held) < 1000 else list(held)[:3])}"
+                                     f"{', ...' if len(held) > 3 else ''})"))
             continue
         if checkpoint_kind(p, limits) is not None:  # an index naming an index (itself, say) would never end
             raise NormcliError(f"{index}: shard {shard!r} is itself a sharded index; a shard holds tensors only")
@@ -379,8 +377,8 @@ def _stray_findings(directory: Path, index: Path, shard_names: list[str], format
     for entry in sorted(directory.iterdir()):
         if entry == index or not entry.is_file() or entry.is_symlink():
             continue
-        if entry.name in INDEX_NAMES or (entry.name.endswith(".json") and _is_index_file(entry, limits)):
-            # a second index (safetensors and .bin side by side): its shards are its own
+        if entry.name in INDEX_NAMES and _is_index_file(entry, limits):
+            # transformers' other index (safetensors and .bin side by side): its shards are its own
             try:
                 other, _ = _parse_index_json(entry.read_bytes(), entry, limits)
                 named |= {os.path.normpath(str(v)) for v in (other.get("weight_map") or {}).values()}
