@@ -329,3 +329,11 @@ def test_an_index_naming_itself_is_refused(tmp_path, run_normcli, sample_sd):
     index.write_text(json.dumps(doc))
     proc = run_normcli("inspect", index)
     assert proc.returncode == 2 and "itself a sharded index" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_with_arch_keeps_the_file_findings(tmp_path, run_normcli, sample_sd):
+    index = write_sharded(sample_sd, tmp_path / "ckpt")
+    shutil.copy(sorted(index.parent.glob("model-*"))[0], index.parent / "model-00007-of-00009.safetensors")
+    doc = inspect_json(run_normcli, index.parent, "--arch", "samples/models.py:resnet_tiny", code=1)
+    assert _codes(doc) == ["shard-stray"]
+    assert [x["kind"] for x in doc["layers"]] == ["BatchNorm2d"] * 11  # exact kinds from the model
