@@ -229,7 +229,11 @@ def _pickle_globals_of(view: memoryview) -> list[str]:
     """Globals a BYTE_IO item's pickle (a torch.save zip) names, by opcodes only."""
     from normcli.reader import _pickle_globals
 
-    return _pickle_globals(bytes(view))
+    try:
+        return _pickle_globals(bytes(view))
+    except Exception as e:  # a damaged zip around the pickle
+        raise NormcliError(f"a non-tensor entry's data is not a readable torch.save archive ({type(e).__name__}); "
+                           "the checkpoint is corrupt or crafted") from None
 
 
 def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_LIMITS):

@@ -379,3 +379,32 @@ def test_overlapping_chunks_are_refused(two_process, tmp_path, run_normcli):
     proc = run_normcli("inspect", d, "--json")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "overlap" in proc.stderr, proc.stderr
+
+
+def test_truncated_or_mutated_files_give_one_error_line(one_process, tmp_path, cli):
+    import random
+    import shutil
+
+    rng = random.Random(0)
+    meta = (one_process / ".metadata").read_bytes()
+    data = (one_process / "__0_0.distcp").read_bytes()
+    cases = [("__0_0.distcp", data[: int(len(data) * f)]) for f in (0.0, 0.01, 0.3, 0.7, 0.999)]
+    cases += [(".metadata", meta[: int(len(meta) * f)]) for f in (0.05, 0.5, 0.99)]
+    for _ in range(12):
+        for name, blob in ((".metadata", meta), ("__0_0.distcp", data)):
+            b = bytearray(blob)
+            for _ in range(8):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            cases.append((name, bytes(b)))
+    for i, (name, blob) in enumerate(cases):
+        d = tmp_path / f"case{i}"
+        shutil.copytree(one_process, d)
+        (d / name).write_bytes(blob)
+        code, out, err = cli("inspect", d, "--json", "--fail-on", "never")
+        assert code in (0, 2), (i, name, err)
+        assert "Traceback" not in err, (i, name, err)
+        if code == 2:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (i, name, err)
+        else:
+            json.loads(out)
