@@ -208,6 +208,16 @@ def test_shard_holding_a_tensor_the_index_does_not_list_is_a_mismatch(tmp_path, 
     assert _codes(found) == ["shard-mismatch"] and "'fc.bias'" in found["file_findings"][0]["message"]
 
 
+def test_weight_map_values_that_are_not_file_names_are_refused(tmp_path, run_normcli, sample_sd):
+    index = write_sharded(sample_sd, tmp_path / "ckpt")
+    for value in (["a"], {"b": 1}, 3, None):
+        doc = json.loads(index.read_text())
+        doc["weight_map"]["bn1.weight"] = value
+        index.write_text(json.dumps(doc))
+        proc = run_normcli("inspect", index)
+        assert proc.returncode == 2 and "not a shard file name" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
 def test_shard_names_that_leave_the_directory_are_refused(tmp_path, run_normcli, sample_sd, name):
     index = write_sharded(sample_sd, tmp_path / "ckpt")
@@ -337,3 +347,24 @@ def test_inspect_with_arch_keeps_the_file_findings(tmp_path, run_normcli, sample
     doc = inspect_json(run_normcli, index.parent, "--arch", "samples/models.py:resnet_tiny", code=1)
     assert _codes(doc) == ["shard-stray"]
     assert [x["kind"] for x in doc["layers"]] == ["BatchNorm2d"] * 11  # exact kinds from the model
+
+
+def test_mutated_index_gives_one_error_line_or_a_report(tmp_path, cli, sample_sd):
+    import random
+
+    rng = random.Random(0)
+    index = write_sharded(sample_sd, tmp_path / "ckpt")
+    text = index.read_bytes()
+    for i in range(40):
+        b = bytearray(text)
+        for _ in range(rng.choice((1, 4, 16))):
+            b[rng.randrange(len(b))] = rng.choice(b'{}[]",:\\/.0123456789x\x00\xff')
+        index.write_bytes(bytes(b[: rng.randrange(len(b) // 2, len(b) + 1)] if i % 3 == 0 else b))
+        code, out, err = cli("inspect", index.parent, "--json", "--fail-on", "never")
+        assert "Traceback" not in err, (i, err)
+        if code == 2:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (i, err)
+        else:
+            assert code == 0, (i, err)
+            json.loads(out)
