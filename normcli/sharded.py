@@ -259,9 +259,9 @@ def read_sharded(index: Path, key: str | None = None, limits: Limits = DEFAULT_L
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise NormcliError(f"{index}: the sharded index has no weight_map (tensor name -> shard file)")
-    bad = next((v for v in [*weight_map.values(), *(v for vs in repeated.values() for v in vs)]
-                if not isinstance(v, str)), None)
-    if bad is not None:
+    bad = [v for v in [*weight_map.values(), *(v for vs in repeated.values() for v in vs)] if not isinstance(v, str)]
+    if bad:
+        bad = bad[0]
         raise NormcliError(f"{index}: the weight_map maps a tensor to {bad!r:.60}, not a shard file name; the index "
                            "is corrupt")
     shard_names = list(dict.fromkeys([*weight_map.values(), *(v for vs in repeated.values() for v in vs)]))
