@@ -2,8 +2,8 @@
 
 `normcli inspect DIR` of a sharded safetensors checkpoint of >= 2 GB in >= 8 shards, written the way
 transformers' save_pretrained writes one (numbered shards + model.safetensors.index.json), against
-`python -c "import torch"` measured in the same run, pair by pair (median ratio and its spread); and the inspect process's own peak RSS
-(VmHWM). The checkpoint is built in a temporary directory for the run and deleted afterwards.
+`python -c "import torch"` measured in the same run, pair by pair (median ratio and its spread); and the
+inspect process's own peak RSS (VmHWM). The checkpoint is built in a temporary directory for the run and deleted afterwards.
 
     python benchmarks/bench_shards.py           # 2.1 GB in 8 shards, 7 repeats
     python benchmarks/bench_shards.py --quick   # 40 MB in 8 shards, one repeat: a smoke run

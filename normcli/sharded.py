@@ -289,9 +289,9 @@ def read_sharded(index: Path, key: str | None = None, limits: Limits = DEFAULT_L
         if not p.is_file():
             missing.append(shard)
             held = listed.get(shard, set())
+            shown = _names(sorted(held) if len(held) < 1000 else list(held), 3)
             findings.append(_finding("shard-missing", f"shard {shard!r} named by the index is missing "
-                                     f"({len(held)} tensors: {_names(sorted(held)[:3] if len(held) < 1000 else list(held)[:3])}"
-                                     f"{', ...' if len(held) > 3 else ''})"))
+                                     f"({len(held)} tensors: {shown})"))
             continue
         if checkpoint_kind(p, limits) is not None:  # an index naming an index (itself, say) would never end
             raise NormcliError(f"{index}: shard {shard!r} is itself a sharded index; a shard holds tensors only")
