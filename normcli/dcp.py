@@ -20,8 +20,6 @@ from __future__ import annotations
 import io
 import mmap
 import os
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,75 +94,32 @@ class _Mapped:
         return memoryview(self.mm)[offset:offset + length]
 
 
-class _Region(io.RawIOBase):
-    """A seekable, read-only file over one byte range of a map (for zipfile)."""
-
-    def __init__(self, view: memoryview):
-        self.v = view
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = max(0, min(len(b), len(self.v) - self.pos))
-        b[:n] = self.v[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self.v) + pos)
-        self.pos = max(0, self.pos)
-        return self.pos
-
-
-def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str):
+def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str, limits: Limits = DEFAULT_LIMITS):
     """The tensor a ``torch.save`` wrote at ``mf[offset:offset+length]`` (a torch zip), as a LazyArray over
-    the mapped bytes; also the globals its pickle names. Storage entries must be stored (uncompressed) and
-    lie inside the range."""
-    from normcli.formats import zip_prefix
+    the mapped bytes; also the globals its pickle names. The archive is read by normcli's checked zip reader
+    over exactly that range (entries, local headers and data descriptors checked; nothing outside it read)."""
     from normcli.reader import _checked_load
     from normcli.safe_pickle import LazyArray, _numpy_dtype, element_size, storage_from_pid
+    from normcli.ziparchive import ZipArchive
 
     region = mf.view(offset, length, where)
     if bytes(region[:4]) != b"PK\x03\x04":
         raise _fail(mf.path, f"{where} is not a torch.save archive (and the file is not in DCP's safetensors "
                              "format)")
     try:
-        z = zipfile.ZipFile(_Region(region))
-        names = z.namelist()
-        prefix = zip_prefix(names)
-        infos = {i.filename: i for i in z.infolist()}
-        if len(infos) != len(names):
-            raise _fail(mf.path, f"{where} has duplicate zip entries")
-        pkl = infos.get(f"{prefix}data.pkl")
-        if pkl is None or pkl.file_size > 1024 * 1024:
-            raise _fail(mf.path, f"{where} has no (or an implausibly large) data.pkl")
-        data = z.read(pkl)
+        z = ZipArchive(region, f"{mf.path} ({where})", limits)
+        data = z.read(f"{z.prefix}data.pkl", min(limits.max_record_bytes, 1024 * 1024), "its data.pkl")
     except NormcliError:
         raise
-    except Exception as e:  # zipfile's many complaints about a damaged archive
+    except Exception as e:  # anything the archive parser did not phrase itself
         raise _fail(mf.path, f"{where} is a damaged zip ({type(e).__name__}: {str(e)[:80]})") from None
 
     def entry_data(ref) -> np.ndarray:
-        info = infos.get(f"{prefix}data/{ref.key}")
-        if info is None or info.compress_type != zipfile.ZIP_STORED:
-            raise _fail(mf.path, f"{where}: storage {ref.key} is missing or compressed")
-        h = info.header_offset
-        if h + 30 > length:
-            raise _fail(mf.path, f"{where}: storage {ref.key} lies outside the chunk")
-        name_len, extra_len = struct.unpack("<HH", bytes(region[h + 26:h + 30]))
-        start = h + 30 + name_len + extra_len
+        view = z.view(f"{z.prefix}data/{ref.key}")
         nbytes = ref.numel * element_size(ref.dtype)
-        if nbytes > info.file_size or start + nbytes > length:
+        if nbytes > len(view):
             raise _fail(mf.path, f"{where}: storage {ref.key} is shorter than its tensor says")
-        return np.frombuffer(mf.mm, dtype=_numpy_dtype(ref.dtype), count=ref.numel, offset=offset + start)
+        return np.frombuffer(view, dtype=_numpy_dtype(ref.dtype), count=ref.numel)
 
     storages: dict = {}
 
@@ -225,15 +180,21 @@ def _safetensors_chunks(mf: _Mapped) -> dict | None:
     return out
 
 
-def _pickle_globals_of(view: memoryview) -> list[str]:
-    """Globals a BYTE_IO item's pickle (a torch.save zip) names, by opcodes only."""
+def _pickle_globals_of(view: memoryview, where: str, limits: Limits) -> list[str]:
+    """Globals a BYTE_IO item's pickle (a torch.save zip, or a bare pickle) names, by opcodes only."""
     from normcli.reader import _pickle_globals
+    from normcli.ziparchive import ZipArchive
 
     try:
+        if bytes(view[:4]) == b"PK\x03\x04":
+            z = ZipArchive(view, where, limits)
+            return _pickle_globals(z.read(f"{z.prefix}data.pkl", limits.max_record_bytes, "its data.pkl"))
         return _pickle_globals(bytes(view))
-    except Exception as e:  # a damaged zip around the pickle
-        raise NormcliError(f"a non-tensor entry's data is not a readable torch.save archive ({type(e).__name__}); "
-                           "the checkpoint is corrupt or crafted") from None
+    except NormcliError:
+        raise
+    except Exception as e:  # anything the archive parser did not phrase itself
+        raise NormcliError(f"{where}: a non-tensor entry's data is not a readable torch.save archive "
+                           f"({type(e).__name__}); the checkpoint is corrupt or crafted") from None
 
 
 def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_LIMITS):
@@ -314,8 +275,9 @@ def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_L
             if stored is not None:
                 mf = open_file(stored[0])
                 if mf is not None:
-                    globals_seen += [g for g in _pickle_globals_of(mf.view(stored[1], stored[2], repr(fqn)))
-                                     if g not in globals_seen]
+                    found = _pickle_globals_of(mf.view(stored[1], stored[2], repr(fqn)),
+                                               f"{mf.path} (entry {fqn!r})", limits)
+                    globals_seen += [g for g in found if g not in globals_seen]
             skipped_bytes.append(fqn)
             continue
         t = _state(tmeta, _MD + "TensorStorageMetadata", meta_path)
@@ -364,7 +326,7 @@ def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_L
                 if arr is None or (saved is not None and saved != offsets):
                     raise _fail(mf.path, f"{where} is not in the file (or is stored with other offsets)")
             else:
-                arr, names = read_saved_tensor(mf, stored[1], stored[2], where)
+                arr, names = read_saved_tensor(mf, stored[1], stored[2], where, limits)
                 globals_seen += [g for g in names if g not in globals_seen]
             if tuple(arr.shape) != sizes or element_size(arr.dtype) != element_size(dtype):
                 raise _fail(meta_path, f"{where} holds a {arr.dtype}{list(arr.shape)} tensor, not "

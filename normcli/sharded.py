@@ -295,7 +295,7 @@ def read_sharded(index: Path, key: str | None = None, limits: Limits = DEFAULT_L
             continue
         if checkpoint_kind(p, limits) is not None:  # an index naming an index (itself, say) would never end
             raise NormcliError(f"{index}: shard {shard!r} is itself a sharded index; a shard holds tensors only")
-        tf = read_tensors(p)
+        tf = read_tensors(p, limits=limits)
         if tf.format not in ("safetensors", "state-dict", "checkpoint"):
             raise NormcliError(f"{index}: shard {shard!r} holds a {tf.format}, not a state dict; a shard holds "
                                "tensors only")

@@ -408,3 +408,18 @@ def test_truncated_or_mutated_files_give_one_error_line(one_process, tmp_path, c
             assert len(lines) == 1 and lines[0].startswith("error: "), (i, name, err)
         else:
             json.loads(out)
+
+
+def test_a_payload_in_a_non_tensor_entry_is_reported_never_run(tmp_path, run_normcli, sample_sd):
+    # dcp.load would torch.load(weights_only=False) this entry; normcli reads only its opcodes
+    directory = tmp_path / "evil_bytes"
+    marker = tmp_path / "pwned"
+    _save({**{k: v.clone() for k, v in sample_sd.items()}, "extra": _Payload(marker)}, directory)
+    assert not marker.exists()
+    from normcli.reader import read_tensors
+
+    tf = read_tensors(directory)
+    assert {"os.system", "posix.system"} & set(tf.unsafe_globals)
+    proc = run_normcli("swap", directory, "--to", "frn", "--arch", "samples/models.py:resnet_tiny", "-o",
+                       tmp_path / "o.pt")
+    assert proc.returncode == 2 and "system" in proc.stderr and not marker.exists()

@@ -162,7 +162,7 @@ def render(report, detail: list) -> None:
                       soft_wrap=True)
     for f in report.file_findings:
         color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
-        console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{f.code}[/]: {escape(f.message)}", soft_wrap=True)
+        console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{cell(f.code)}[/]: {cell(f.message)}", soft_wrap=True)
     s = report.summary
     kinds = ", ".join(f"{k} {n}" for k, n in s["kinds"].items()) or "none"
     for note in report.notes:
