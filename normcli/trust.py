@@ -495,6 +495,8 @@ def assess_opened(ck) -> ScanResult:
     _file_budget[0] = MAX_OPCODES
     uses: dict[str, set[str]] = {}
     fmt = ck.format
+    if fmt in ("sharded", "dcp"):  # several files, one checkpoint: the worst of its files' verdicts
+        return _assess_directory(Path(ck.path), fmt)
     try:
         if ck.archive is not None:
             _walk_zip(ck.archive, uses, depth=0)
@@ -513,13 +515,17 @@ def assess_opened(ck) -> ScanResult:
     return ScanResult(str(ck), fmt, trust.verdict, trust.globals, None)
 
 
-def assess_path(path: str | Path) -> ScanResult:
-    """The verdict on the file at ``path`` from its pickles' opcodes alone (no tensor is built)."""
+def assess_path(path: str | Path, _member: bool = False) -> ScanResult:
+    """The verdict on the file at ``path`` from its pickles' opcodes alone (no tensor is built). A directory
+    or index file that is one multi-file checkpoint gets the worst verdict of its files (``_member``: ``path``
+    is one of those files, which may not be such a checkpoint again)."""
     p = Path(path)
     _file_budget[0] = MAX_OPCODES
     fmt = None
     try:
         if p.is_dir():
+            if _member:
+                raise Unreadable("a shard that is a directory")
             return _assess_directory(p)
         with open(p, "rb") as f:
             head = f.read(64)
@@ -537,6 +543,10 @@ def assess_path(path: str | Path) -> ScanResult:
                 _walk_pickle_sequence(f, uses, fmt)
             elif fmt == "safetensors":
                 _check_safetensors(f, p.stat().st_size)
+            elif fmt is None and _is_sharded_index(p):
+                if _member:
+                    raise Unreadable("a shard that is itself a sharded index")
+                return _assess_directory(p, "sharded")
             elif fmt is None:
                 # torch.load unpickles any non-zip file (its legacy path reads a pickle first), so a
                 # protocol 0/1 pickle without a signature is judged too
@@ -559,6 +569,12 @@ def assess_path(path: str | Path) -> ScanResult:
         return ScanResult(str(path), fmt, "unreadable", [], f"cannot read the file ({e.strerror or e})")
     trust = trust_from_uses(uses)
     return ScanResult(str(path), fmt, trust.verdict, trust.globals, None)
+
+
+def _is_sharded_index(p: Path) -> bool:
+    from normcli.sharded import checkpoint_kind
+
+    return checkpoint_kind(p) == "sharded"
 
 
 class _Problem(Exception):
@@ -674,23 +690,28 @@ def _script_refs(code: bytes, uses: dict[str, set[str]]) -> None:
             uses.setdefault(f"torch.ops.{m.group(1).decode()}.{m.group(2).decode()}", set()).add("reduce")
 
 
-def _assess_directory(p: Path) -> ScanResult:
-    """A directory that is one checkpoint (see normcli.discover.checkpoint_directory): the worst verdict of
-    the files it is made of."""
+def _assess_directory(p: Path, kind: str | None = None) -> ScanResult:
+    """A checkpoint made of several files (a directory that is one checkpoint, or a sharded index file; see
+    normcli.sharded.checkpoint_kind): the worst verdict of the files it is made of."""
     from normcli.discover import checkpoint_directory
 
-    kind = checkpoint_directory(p)
+    kind = kind or checkpoint_directory(p)
     if kind is None:
         return ScanResult(str(p), None, "unreadable", [], "a directory, not a checkpoint")
-    members = checkpoint_members(p, kind)
+    try:
+        members = checkpoint_members(p, kind)
+    except Unreadable as e:
+        return ScanResult(str(p), kind, "unreadable", [], str(e))
     merged: dict[str, Global] = {}
     worst, reasons = "safe", []
     order = {v: i for i, v in enumerate(("safe", "needs-classes", "unreadable", "unsafe"))}
     for member in members:
+        if not member.exists():
+            continue  # a missing shard holds nothing to judge (the reader reports it: shard-missing)
         if member.suffix == ".distcp":
             r = _distcp_result(member)
         else:
-            r = assess_path(member)
+            r = assess_path(member, _member=True)
         for g in r.globals:
             if g.name not in merged or g.kind == "code":
                 merged[g.name] = g
@@ -717,22 +738,26 @@ def _distcp_result(member: Path) -> ScanResult:
 
 
 def checkpoint_members(p: Path, kind: str) -> list[Path]:
-    """The files whose pickles make up a checkpoint directory (the JSON index itself holds no pickle)."""
+    """The files whose pickles make up a multi-file checkpoint (``p`` a directory, or a sharded index file;
+    the JSON index itself holds no pickle). An index the shards reader would refuse is :class:`Unreadable`."""
     if kind == "dcp":
         # the .metadata pickle; the .distcp files hold torch.save'd zips for non-tensor values
         return [p / ".metadata", *sorted(p.glob("*.distcp"))]
     if kind == "sharded":
-        from normcli.discover import sharded_index
+        from normcli.errors import NormcliError
+        from normcli.limits import DEFAULT_LIMITS
+        from normcli.sharded import find_index, index_shards, read_index
 
-        index = sharded_index(p)
+        index = p if p.is_file() else find_index(p)
+        if index is None:
+            raise Unreadable("no sharded index in the directory")
         try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {}) if index else {}
-        except (OSError, ValueError, AttributeError):
-            weight_map = {}
-        shards = sorted({v for v in weight_map.values() if isinstance(v, str)}) if isinstance(weight_map, dict) \
-            else []
-        # a shard name that leaves the directory is the shards reader's finding, never a file to open here
-        return [p / s for s in shards if "/" not in s and "\\" not in s and s not in ("..", ".")]
+            # checked as the shards reader checks it (a name that leaves the directory is refused), and
+            # every shard the index names, a repeated tensor's other copies included
+            _, _, _, names = index_shards(read_index(index, DEFAULT_LIMITS), index, DEFAULT_LIMITS)
+            return [index.parent / n for n in names]
+        except NormcliError as e:
+            raise Unreadable(" ".join(str(e).split())) from None
     return []
 
 

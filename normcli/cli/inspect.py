@@ -62,7 +62,7 @@ def inspect(
                            "recognised by content); give a checkpoint file or another directory"
                            if len(paths) == 1 and os.path.isdir(paths[0])
                            else f"no checkpoint found in {', '.join(paths)}")
-    if len(paths) > 1 or len(targets) > 1 or targets[0].path != paths[0]:
+    if len(paths) > 1 or len(targets) > 1 or os.path.normpath(targets[0].path) != os.path.normpath(paths[0]):
         if layer:
             raise NormcliError("--layer shows one file's channels; give a single file with it")
         job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load)
