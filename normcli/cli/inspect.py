@@ -65,7 +65,7 @@ def inspect(
     if len(paths) > 1 or len(targets) > 1 or os.path.normpath(targets[0].path) != os.path.normpath(paths[0]):
         if layer:
             raise NormcliError("--layer shows one file's channels; give a single file with it")
-        job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load)
+        job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load, parse_limits(limit))
         return _inspect_many(targets, job, json_out, fail_on, jobs)
     path = paths[0]
     report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
@@ -95,6 +95,7 @@ class _Job:
     key: Optional[str]
     thresholds: object
     unsafe_load: bool
+    limits: object = None
 
     def __call__(self, path: str) -> dict:
         from normcli.errors import NormcliError
@@ -102,7 +103,8 @@ class _Job:
 
         try:
             report = inspect_file(path, arch=self.arch, arch_kwargs=parse_arch_kwargs(self.arch_kwargs),
-                                  key=self.key, thresholds=self.thresholds, unsafe_load=self.unsafe_load)
+                                  key=self.key, thresholds=self.thresholds, unsafe_load=self.unsafe_load,
+                                  limits=self.limits)
         except NormcliError as e:
             return {"path": path, "error": " ".join(str(e).split())}
         except Exception as e:  # one bad file must not hide the others' results

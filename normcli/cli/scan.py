@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import DebugOption, out_console
+from normcli.cli.common import DebugOption, LimitOption, out_console
 
 FORMATS = ("table", "json", "sarif")
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -32,6 +32,7 @@ def scan(
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on needs-classes too, not only unsafe."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
                                        help="Worker processes (default: the number of cores)."),
+    limit: Optional[List[str]] = LimitOption,
     debug: bool = DebugOption,
 ) -> int:
     """Say for every file whether loading it could run code: safe, needs-classes, unsafe or unreadable."""
@@ -45,13 +46,16 @@ def scan(
         if json_out and fmt != "json":
             raise NormcliError(f"--json and --format {fmt} contradict each other; give one")
     fmt = fmt or ("json" if json_out else "table")
+    from normcli.limits import parse_limits
+
+    limits = parse_limits(limit)
     targets = discover(paths, include_pickles=True)
     if not targets:
         raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
                            "recognised by content); give a checkpoint file or another directory"
                            if len(paths) == 1 and os.path.isdir(paths[0])
                            else f"no checkpoint found in {', '.join(paths)}")
-    results = run_all(_assess, [t.path for t in targets], jobs, _crashed)
+    results = run_all(_Assess(limits), [t.path for t in targets], jobs, _crashed)
     if fmt == "json":
         from normcli.cli.common import print_json
 
@@ -69,10 +73,16 @@ def scan(
     return exit_code(results, strict)
 
 
-def _assess(path: str):
-    from normcli.trust import assess_path
+class _Assess:
+    """The verdict on one path under the given limits (picklable: it crosses to worker processes)."""
 
-    return assess_path(path)
+    def __init__(self, limits):
+        self.limits = limits
+
+    def __call__(self, path: str):
+        from normcli.trust import assess_path
+
+        return assess_path(path, limits=self.limits)
 
 
 def _crashed(path: str, message: str):
