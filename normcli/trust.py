@@ -174,11 +174,14 @@ def classify(name: str, uses: frozenset[str] | set[str] = frozenset()) -> Global
     if loaded != name and loaded not in TENSOR_GLOBALS:
         g = classify(loaded, uses)
         return Global(name, g.kind, f"loads as {loaded}: {g.reason}")
-    if name in TENSOR_GLOBALS:
+    if name in TENSOR_GLOBALS and "build-global" not in uses:
+        # (torch never sets state on a function or class object itself: that rewrites it for the whole process)
         return Global(name, "tensor", "torch tensor data or a plain container")
     module, _, last = name.rpartition(".")
     if not module or not last:
         return Global(name, "code", "not a module-level name: loading resolves it at run time")
+    if "build-global" in uses:
+        return Global(name, "code", "state is set on the global itself")
     if _in_code_module(module):
         return Global(name, "code", f"module {module} can run code")
     if name.startswith("torch.") and name.rsplit(".", 1)[0] == "torch":

