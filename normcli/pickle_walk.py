@@ -27,7 +27,6 @@ import codecs
 import hashlib
 import io
 import pickletools
-import re
 from typing import Any
 
 from normcli.errors import NormcliError
@@ -87,21 +86,24 @@ for _op in pickletools.opcodes:
                                   and (_op.arg is None or _op.arg.n >= 0)))
 _LENGTH_BYTES = {-2: 1, -3: 4, -4: 4, -5: 8}
 _USE_OF = {"REDUCE": "reduce", "NEWOBJ": "newobj", "NEWOBJ_EX": "newobj", "OBJ": "inst", "INST": "inst"}
-_RUNS: dict[bytes, Any] = {}
 _NEVER = 1 << 62
+_LEAF1 = frozenset(b"N)]}\x88\x89\x8f")  # NONE, EMPTY_TUPLE/LIST/DICT, NEWTRUE, NEWFALSE, EMPTY_SET
 _PERIOD_CHECK = 256   # ops between two looks for a repeating stretch of bytes
 _MAX_PERIOD = 16      # bytes
 _TOP = 64             # stack entries compared to tell that a period left the stack as it found it
 
 
 def _run_end(buf, pos: int, end: int, chunk: bytes) -> int:
-    """Where the run of ``chunk`` repeated from ``pos`` ends (one regex match: C speed)."""
-    pattern = _RUNS.get(chunk)
-    if pattern is None:
-        if len(_RUNS) > 256:
-            _RUNS.clear()
-        pattern = _RUNS[chunk] = re.compile(b"(?:" + re.escape(chunk) + b")*")
-    return pattern.match(buf, pos, end).end()
+    """Where the run of ``chunk`` repeated from ``pos`` ends: compared a block at a time (blocks of up to
+    64 KiB, then halving), so the cost is a few slice comparisons and the memory one block."""
+    width = len(chunk)
+    block = chunk * max(1, (1 << 16) // width)
+    while len(block) >= width:
+        size = len(block)
+        while pos + size <= end and buf[pos:pos + size] == block:
+            pos += size
+        block = block[:(size // width // 2) * width]
+    return pos
 
 
 def _buffer(stream) -> tuple[Any, int, int]:
@@ -214,13 +216,30 @@ def _walk(buf, pos: int, end: int, limits: Limits, base_offset: int, uses: dict[
     # A stretch of bytes repeating with a short period (every expansion or busy-work bomb is one) is walked
     # once; if that left the walk's state exactly as it found it (stack length and top, marks, memo), every
     # further repetition would too, and they are skipped with their cost added (clipped at the budget).
-    watch_end, countdown, memo_writes = _NEVER, _PERIOD_CHECK, 0
-    w_start = w_len = w_memo = w_writes = w_cost = 0
+    # Two nodes are interchangeable when both are plain leaves (depth 1, no string, global or call attached):
+    # a stretch that replaces one such leaf by a new one (in the memo or on the stack) also counts as unchanged.
+    watch_end, countdown, bumps = _NEVER, _PERIOD_CHECK, 0
+    memo_log: list = []  # (index, previous node) of memo writes while a stretch is watched
+    w_start = w_len = w_memo = w_cost = w_bumps = 0
     w_top = w_marks = None
+
+    def plain(node: int) -> bool:
+        return depth[node] == 1 and node not in strings and node not in gname and node not in origin
+
+    def unchanged() -> bool:
+        if len(stack) != w_len or len(memo) != w_memo or bumps != w_bumps or marks != w_marks:
+            return False
+        top = stack[-_TOP:]
+        if top != w_top and not all(a == b or (plain(a) and plain(b)) for a, b in zip(top, w_top)):
+            return False
+        before: dict = {}
+        for index, old in memo_log:
+            before.setdefault(index, old)
+        return all(memo[i] == old or (plain(memo[i]) and plain(old)) for i, old in before.items())
+
     while True:
         if pos >= watch_end:
-            if pos == watch_end and len(stack) == w_len and len(memo) == w_memo and memo_writes == w_writes \
-                    and marks == w_marks and stack[-_TOP:] == w_top:
+            if pos == watch_end and unchanged():
                 period = watch_end - w_start
                 k = (_run_end(buf, pos, end, bytes(buf[w_start:watch_end])) - pos) // period
                 delta = cost - w_cost
@@ -231,15 +250,89 @@ def _walk(buf, pos: int, end: int, limits: Limits, base_offset: int, uses: dict[
                 if cost - per_byte * pos > allowance:
                     raise LimitExceeded(f"the pickle builds {cost} objects and references from {pos - start} "
                                         "bytes", "pickle_items_per_byte", per_byte)
+            else:  # not a fixed point from this opcode on: look again later, from another phase of the stretch
+                countdown = _PERIOD_CHECK + (w_start % 7)
             watch_end = _NEVER
+        if watch_end == _NEVER:
+            # the fast lane: the opcodes every bomb is made of, one or two bytes each, taken with the least work
+            # per opcode; anything else, or anything these do not allow, falls through to the full decoding
+            fence = marks[-1] if marks else 0
+            while countdown > 1 and pos + 1 < end:
+                b = buf[pos]
+                if b in _LEAF1:
+                    depth.append(1)
+                    stack.append(len(depth) - 1)
+                    cost += _OBJECT_COST
+                    pos += 1
+                elif b == 0x68:  # BINGET
+                    i = buf[pos + 1]
+                    if i >= len(memo):
+                        break
+                    stack.append(memo[i])
+                    cost += 1
+                    pos += 2
+                elif b == 0x30 and len(stack) > fence:  # POP
+                    stack.pop()
+                    pos += 1
+                elif b == 0x71 and len(stack) > fence:  # BINPUT
+                    i = buf[pos + 1]
+                    if i < len(memo):
+                        memo[i] = stack[-1]  # (the fast lane runs only while no stretch is watched)
+                    elif i == len(memo):
+                        memo.append(stack[-1])
+                    else:
+                        break
+                    cost += 1
+                    pos += 2
+                elif b == 0x94 and len(stack) > fence:  # MEMOIZE
+                    memo.append(stack[-1])
+                    cost += 1
+                    pos += 1
+                elif b == 0x32 and len(stack) > fence:  # DUP
+                    stack.append(stack[-1])
+                    cost += 1
+                    pos += 1
+                elif b == 0x28 and len(marks) < max_depth:  # MARK
+                    fence = len(stack)
+                    marks.append(fence)
+                    pos += 1
+                elif b == 0x85 and len(stack) > fence:  # TUPLE1
+                    d = depth[stack[-1]] + 1
+                    if d > max_depth:
+                        break
+                    depth.append(d)
+                    stack[-1] = len(depth) - 1
+                    cost += 1 + _OBJECT_COST
+                    pos += 1
+                elif b == 0x61 and len(stack) - fence >= 2:  # APPEND
+                    d = depth[stack[-1]] + 1
+                    if d > max_depth:
+                        break
+                    stack.pop()
+                    if d > depth[stack[-1]]:
+                        depth[stack[-1]] = d
+                    cost += 1
+                    pos += 1
+                elif b == 0x4B:  # BININT1
+                    depth.append(1)
+                    stack.append(len(depth) - 1)
+                    cost += _OBJECT_COST
+                    pos += 2
+                else:
+                    break
+                countdown -= 1
+                if cost - per_byte * pos > allowance:
+                    raise LimitExceeded(f"the pickle builds {cost} objects and references from {pos - start} "
+                                        "bytes", "pickle_items_per_byte", per_byte)
         countdown -= 1
         if not countdown:
             countdown = _PERIOD_CHECK
             for period in range(1, _MAX_PERIOD + 1):
                 if pos + 4 * period <= end and buf[pos:pos + period] * 4 == buf[pos:pos + 4 * period]:
-                    watch_end, w_start, w_len, w_memo, w_writes, w_cost = (pos + period, pos, len(stack), len(memo),
-                                                                           memo_writes, cost)
+                    watch_end, w_start, w_len, w_memo, w_cost, w_bumps = (pos + period, pos, len(stack), len(memo),
+                                                                          cost, bumps)
                     w_top, w_marks = stack[-_TOP:], list(marks)
+                    memo_log.clear()
                     break
         if pos >= end:
             raise PickleRefused("the pickle ends before its STOP opcode; the file is truncated")
@@ -357,10 +450,11 @@ def _walk(buf, pos: int, end: int, limits: Limits, base_offset: int, uses: dict[
             if index > len(memo) or index < 0:
                 raise PickleRefused(f"the pickle writes memo entry {index} after only {len(memo)} entries; "
                                     "it is crafted or corrupt")
-            memo_writes += 1
             if index == len(memo):
                 memo.append(stack[-1])
-            else:
+            elif memo[index] != stack[-1]:
+                if watch_end != _NEVER:
+                    memo_log.append((index, memo[index]))
                 memo[index] = stack[-1]
             cost += 1
         elif cat == MODIFY or cat == BUILD:
@@ -388,6 +482,7 @@ def _walk(buf, pos: int, end: int, limits: Limits, base_offset: int, uses: dict[
                     if deepest > max_depth:
                         raise too_deep()
                     depth[target] = deepest
+                    bumps += 1
             cost += len(items)
         elif cat == CALL or cat == OBJ:
             if cat == OBJ:

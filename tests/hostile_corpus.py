@@ -33,6 +33,12 @@ def sized_pickles(size: int) -> dict[str, bytes]:
         "memo-put-get-churn": PROTO2 + b"Nq\x00" + b"h\x00q\x000" * (size // 5) + b".",
         "nested-lists-appended": PROTO2 + b"]" + b"]a" * (size // 2) + b".",
         "dict-reference-bomb": pp.reference_bomb(levels=12, fanout=min(1000, size // 120)),
+        # state that changes every few bytes, or no period at all: walked opcode by opcode
+        "new-leaf-into-memo-then-pop": PROTO2 + b"N" + b"Nq\x000" * (size // 4) + b".",
+        "memo-references-piling-up": PROTO2 + b"Nq\x00Nq\x01" + b"h\x00q\x01h\x01q\x00" * (size // 8) + b".",
+        "aperiodic-int-then-pop": PROTO2 + b"".join(b"K" + bytes([i % 251]) + b"0" for i in range(size // 3)) + b"N.",
+        "aperiodic-tuple-and-int": PROTO2 + b"N" + b"".join(b"N\x850K" + bytes([i % 251]) + b"0"
+                                                          for i in range(size // 6)) + b".",
     }
 
 
