@@ -30,7 +30,7 @@ from normcli.errors import NormcliError, first_line
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 18}
-# The dynamo exporter only implements opset 18 and later; the torchscript exporter stops at 20.
+# Fallback only: supported_opsets() asks the installed torch and onnx.
 OPSET_RANGE = {"dynamo": (18, None), "torchscript": (7, 20)}
 BATCH_DIM_NAME = "batch"
 
@@ -193,28 +193,60 @@ def _count_graph_nodes(nodes, functions, op_type, depth: int) -> int:
     return total
 
 
+def supported_opsets(exporter: str) -> tuple[int, int]:
+    """The lowest and highest opset the installed exporter writes, asked from the installed torch and onnx."""
+    from torch.onnx import _constants
+
+    if exporter == "torchscript":
+        return (int(_constants.ONNX_MIN_OPSET),
+                int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)))
+    import onnx
+
+    try:  # the opset torch's ONNX operator library is written for; earlier ones it does not write
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as low
+    except ImportError:
+        low = OPSET_RANGE["dynamo"][0]
+    # later opsets come from onnx's version converter, which knows up to the installed onnx's opset
+    return int(low), int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(exporter: str, opset: int) -> None:
+    """Refuse an opset the installed exporter does not write, naming the ones it does (and the other exporter's,
+    when that one writes it)."""
+    if exporter not in EXPORTERS:
+        raise NormcliError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    low, high = supported_opsets(exporter)
+    if low <= opset <= high:
+        return
+    other = EXPORTERS[1 - EXPORTERS.index(exporter)]
+    other_low, other_high = supported_opsets(other)
+    hint = f" (the {other} exporter writes {other_low} to {other_high}: --exporter {other})" \
+        if other_low <= opset <= other_high else ""
+    raise NormcliError(f"the installed {exporter} exporter does not write opset {opset}: it writes opsets "
+                       f"{low} to {high}{hint}")
+
+
 def _resolve_opset(exporter: str, opset: int | None) -> int:
     if opset is None:
         return DEFAULT_OPSET[exporter]
-    low, high = OPSET_RANGE[exporter]
-    if opset < low or (high is not None and opset > high):
-        supported = f"{low} and later" if high is None else f"{low} to {high}"
-        hint = " (use the torchscript exporter for older opsets)" if exporter == "dynamo" else \
-            " (use the dynamo exporter for newer opsets)"
-        raise NormcliError(f"the {exporter} exporter writes opsets {supported}, not {opset}{hint}")
+    check_opset(exporter, opset)
     return opset
 
 
 @contextlib.contextmanager
 def _quiet_torch_onnx_logs() -> Iterator[None]:
     """Hide the exporter's registration chatter (e.g. that torchvision's ops are skipped); errors still show."""
-    logger = logging.getLogger("torch.onnx")
-    saved = logger.level
-    logger.setLevel(logging.ERROR)
+    # torch.onnx's registration chatter, and onnxscript's notes on how it converts between opsets: what went
+    # wrong reaches the user as the error normcli raises, not as a library's log record
+    levels = {"torch.onnx": logging.ERROR, "onnxscript": logging.CRITICAL, "onnx_ir": logging.CRITICAL}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(saved)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from normcli.atomic import atomic_output, check_output_path
 from normcli.errors import NormcliError, describe, first_line
-from normcli.inputs import infer_input_shape
+from normcli.inputs import infer_input_shape, input_configurations, inputs_hint
 from normcli.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult
 
 DEFAULT_SAMPLES = 3
@@ -42,6 +42,7 @@ class FoldCheck:
     passed: bool
     max_abs: float
     max_rel: float
+    problem: str | None = None  # "non-finite" when the original's outputs hold NaN/Inf
 
 
 @dataclass
@@ -63,6 +64,13 @@ class FuseExportReport:
     save_fused_format: str | None = None
     warnings: list[str] = field(default_factory=list)
     reference: str = "the original model"  # what parity and the fold check compare against, and why
+    # set when the original model's own outputs hold NaN/Inf on the parity inputs (then parity fails):
+    # {"norms": norm layers whose statistics or weights hold NaN/Inf, "first": the first module, in call order,
+    #  whose output turned non-finite from finite inputs (None if unknown)}
+    nonfinite: dict | None = None
+    lower_unfolded: str = "keep"       # what became of the BatchNorm nodes left after the fold
+    lowered: list[dict] = field(default_factory=list)     # {"node", "channels"}: became Mul + Add
+    lower_kept: list[dict] = field(default_factory=list)  # {"node", "reason"}: left as BatchNormalization
 
     @property
     def passed(self) -> bool:
@@ -76,6 +84,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                 exporter: str = DEFAULT_EXPORTER, opset: int | None = None, dynamic_batch: bool = False,
                 atol: float | None = None, rtol: float | None = None, samples: int = DEFAULT_SAMPLES,
                 seed: int = 0, keep_on_fail: bool = False, save_fused: str | os.PathLike | None = None,
+                lower_unfolded: str | None = None,
                 force: bool = False, sources: Sequence[str | os.PathLike] = (),
                 progress: Callable[[str], None] | None = None) -> FuseExportReport:
     """Fold, export and check ``model``; write ``output`` only if parity passed (or ``keep_on_fail``).
@@ -84,13 +93,19 @@ def fuse_export(model, output: str | os.PathLike, *,
     ``samples`` random ones); example_inputs: a ``.pt2`` archive's, used for shapes when nothing else is
     given. sources: input files that must not be overwritten. atol/rtol: None means the default for the
     model's dtype (``dtype_tolerances``); a float16/bfloat16 model is judged against a float32 run of itself.
+    lower_unfolded: what becomes of the BatchNorm nodes the fold left, ``"mul-add"`` or ``"keep"``
+    (``normcli.lower``; None: ``DEFAULT_LOWER``).
     """
     import torch
 
     from normcli import fold as fold_module
     from normcli.export import default_input_names, default_output_names, export_onnx
+    from normcli.lower import DEFAULT_LOWER, LOWER_MODES
     from normcli.parity import check_parity
 
+    lower_unfolded = DEFAULT_LOWER if lower_unfolded is None else lower_unfolded
+    if lower_unfolded not in LOWER_MODES:
+        raise NormcliError(f"--lower-unfolded must be one of {', '.join(LOWER_MODES)}, not {lower_unfolded!r}")
     step = progress or (lambda message: None)
     output = check_output_path(output, inputs=tuple(sources), force=force)
     if save_fused is not None:
@@ -118,10 +133,17 @@ def fuse_export(model, output: str | os.PathLike, *,
             reference_outputs = reference_model(*_widened(example, widen))
         except Exception as e:
             raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
-                               f"{describe(e)}; pass --input-shape") from None
+                               f"{describe(e)}; "
+                               f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
+                               ) from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
         references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
         references += [torch.utils._pytree.tree_flatten(reference_model(*_widened(s, widen)))[0] for s in inputs[1:]]
+    nonfinite = None
+    if not all(_finite(t) for outs in references for t in outs):
+        # parity against NaN proves nothing: find where they come from, for the report and the error
+        nonfinite = _nonfinite_sources(model, next(s for s, outs in zip(inputs, references)
+                                                   if not all(_finite(t) for t in outs)))
 
     step("folding weight normalization and BatchNorm")
     from normcli.weight_norm import fold_weight_norm
@@ -139,6 +161,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                                dynamic_batch=dynamic_batch,
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs))
+        lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
         try:
             parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
@@ -173,8 +196,68 @@ def fuse_export(model, output: str | os.PathLike, *,
         onnx={"nodes": exported.nodes, "batchnorm_nodes": exported.batchnorm_nodes,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
-        warnings=list(dict.fromkeys(notes)), reference=reference_note,
+        lower_unfolded=lowering.mode, lowered=lowering.lowered, lower_kept=lowering.kept,
+        warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite,
     )
+
+
+def _finite(value) -> bool:
+    import torch
+
+    return not isinstance(value, torch.Tensor) or not value.is_floating_point() or bool(torch.isfinite(value).all())
+
+
+def _nonfinite_sources(model, sample: tuple) -> dict:
+    """The norm layers whose statistics or weights hold NaN/Inf, and the first module (in call order) whose
+    output turned non-finite although its inputs were finite."""
+    import torch
+
+    from normcli.inspection import NORM_CLASSES
+
+    norms = []
+    for name, module in model.named_modules():
+        tensors = [getattr(module, k, None) for k in ("running_mean", "running_var", "weight", "bias")]
+        if type(module).__name__ in NORM_CLASSES or getattr(module, "running_var", None) is not None:
+            if not all(_finite(t) for t in tensors if isinstance(t, torch.Tensor)):
+                norms.append(name)
+    first: list[str] = []
+
+    def hook(module, args, output, name=None):
+        if not first and all(_finite(a) for a in torch.utils._pytree.tree_flatten(args)[0]) \
+                and not all(_finite(o) for o in torch.utils._pytree.tree_flatten(output)[0]):
+            first.append(name)
+
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if name and not any(True for _ in module.children()):
+                handles.append(module.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)))
+        with torch.no_grad():
+            model(*sample)
+    except Exception:  # noqa: BLE001 - a model that ran once runs again; if not, the norms still say enough
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"norms": norms, "first": first[0] if first else None}
+
+
+def _lower(onnx_path, mode: str, exported, step):
+    """Lower the BatchNormalization nodes left in the exported file; the node counts follow the rewrite."""
+    import onnx
+
+    from normcli.export import count_nodes
+    from normcli.lower import lower_unfolded
+
+    if exported.batchnorm_nodes and mode != "keep":
+        step(f"lowering {exported.batchnorm_nodes} BatchNormalization node(s) ({mode})")
+    report = lower_unfolded(onnx_path, mode if exported.batchnorm_nodes else "keep")
+    report.mode = mode
+    if report.lowered:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        exported.nodes = count_nodes(proto)
+        exported.batchnorm_nodes = count_nodes(proto, op_type="BatchNormalization")
+    return report
 
 
 def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: int, seed: int,
@@ -185,13 +268,22 @@ def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: 
     from normcli.inputs import make_inputs
 
     if input_tensors:
-        given = tuple(t.to(dtype) if t.is_floating_point() else t for t in input_tensors)
+        configs = [tuple(t.to(dtype) if t.is_floating_point() else t for t in group)
+                   for group in input_configurations(input_tensors, model, "--input")]
+        given = configs[0]
         inputs = [given]
         if dynamic_batch:  # the same data at twice the batch size: a second batch size on real inputs
             inputs.append(tuple(torch.cat([t, t]) for t in given))
-        return inputs, "--input"
+        _check_fixed_shapes(configs, dynamic_batch, "--input")
+        return inputs + configs[1:], "--input"
+    extra: list[tuple] = []
     if input_shapes:
-        shapes, source = [tuple(int(d) for d in s) for s in input_shapes], "--input-shape"
+        # shapes beyond one per positional input are more configurations, each checked like the first
+        groups = input_configurations([tuple(int(d) for d in s) for s in input_shapes], model, "--input-shape")
+        shapes, source = groups[0], "--input-shape"
+        _check_fixed_shapes(groups, dynamic_batch, "--input-shape")
+        for index, group in enumerate(groups[1:], start=1):
+            extra += make_inputs(group, samples, seed=seed + 1 + index, dtype=dtype)
     elif example_inputs:
         shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
         source = "the example inputs of the .pt2 archive"
@@ -203,13 +295,26 @@ def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: 
             raise NormcliError(f"input shape {','.join(map(str, shape))} is not valid: every dimension must be "
                                "at least 1 (e.g. --input-shape 1,3,224,224)")
     if not dynamic_batch:
-        return make_inputs(shapes, samples, seed=seed, dtype=dtype), source
+        return make_inputs(shapes, samples, seed=seed, dtype=dtype) + extra, source
     # two batch sizes: the first half of the samples at the given batch, the rest at 2*batch+1
     other = [(2 * s[0] + 1, *s[1:]) for s in shapes]
     first = max(1, (samples + 1) // 2)
     second = max(1, samples - first)
     return (make_inputs(shapes, first, seed=seed, dtype=dtype)
-            + make_inputs(other, second, seed=seed + 1, dtype=dtype)), source
+            + make_inputs(other, second, seed=seed + 1, dtype=dtype)) + extra, source
+
+
+def _check_fixed_shapes(configs: list, dynamic_batch: bool, option: str) -> None:
+    """The ONNX model is exported at the first configuration's shapes, with only the batch dimension symbolic
+    under ``dynamic_batch``: a further configuration must fit them."""
+    first = [tuple(getattr(x, "shape", x)) for x in configs[0]]
+    for index, config in enumerate(configs[1:], start=2):
+        for a, b in zip(first, (tuple(getattr(x, "shape", x)) for x in config)):
+            if len(a) != len(b) or a[1:] != b[1:] or (a[:1] != b[:1] and not dynamic_batch):
+                raise NormcliError(
+                    f"{option} configuration {index} ({','.join(map(str, b))}) differs from the first "
+                    f"({','.join(map(str, a))}) in a dimension the ONNX model is exported with fixed"
+                    + ("" if a[1:] != b[1:] else "; add --dynamic-batch to check another batch size"))
 
 
 def _fold_check(folded, inputs, references, atol: float, rtol: float) -> FoldCheck:
@@ -219,6 +324,8 @@ def _fold_check(folded, inputs, references, atol: float, rtol: float) -> FoldChe
     from normcli.parity import mismatch_mask
 
     passed, max_abs, max_rel = True, 0.0, 0.0
+    if not all(_finite(t) for outs in references for t in outs):
+        passed = False  # agreement with a NaN/Inf reference proves nothing
     with torch.no_grad():
         for sample, want in zip(inputs, references):
             got = torch.utils._pytree.tree_flatten(folded(*sample))[0]
@@ -238,7 +345,8 @@ def _fold_check(folded, inputs, references, atol: float, rtol: float) -> FoldChe
                     max_abs = max(max_abs, float(diff.max())) if diff.max() == diff.max() else float("nan")
                 if rel.size and rel.max() == rel.max():
                     max_rel = max(max_rel, float(rel.max()))
-    return FoldCheck(passed, max_abs, max_rel)
+    nonfinite = not all(_finite(t) for outs in references for t in outs)
+    return FoldCheck(passed, max_abs, max_rel, "non-finite" if nonfinite else None)
 
 
 def _save_fused(folded, example: tuple, path: Path, dynamic_batch: bool, atol: float, rtol: float) -> str:

@@ -42,5 +42,53 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, 
         if any(int(d) < 1 for d in shape):
             raise NormcliError(f"input shape {','.join(map(str, shape))} has a dimension below 1")
     generator = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype) for shape in shapes)
-            for _ in range(samples)]
+    try:
+        return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype)
+                      for shape in shapes) for _ in range(samples)]
+    except (RuntimeError, MemoryError) as e:  # a shape too large for this machine's memory
+        from normcli.errors import first_line
+
+        raise NormcliError(f"cannot make inputs of shapes {' '.join(','.join(map(str, s)) for s in shapes)} "
+                           f"({first_line(e)}); give smaller input shapes") from None
+
+
+def positional_inputs(model) -> list[str] | None:
+    """The names of the forward's required positional parameters, in order; None when the forward takes
+    ``*args`` or its signature cannot be read (then the number of inputs is unknown)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    names = []
+    for p in parameters:
+        if p.kind == p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            names.append(p.name)
+    return names or None
+
+
+def input_configurations(items: Sequence, model, option: str) -> list[list]:
+    """Split what ``--input-shape`` (or ``--input``) gave into configurations of one item per positional input:
+    for a model with N inputs, items are taken N at a time. A count that is not a multiple of N is an error."""
+    items = list(items)
+    names = positional_inputs(model)
+    n = len(names) if names else max(1, len(items))
+    if len(items) % n:
+        raise NormcliError(f"{len(items)} {option} given, but the model takes {n} positional inputs "
+                           f"({', '.join(names or [])}): give one {option} per input, in that order (and {n} more "
+                           "for each further configuration to check)")
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def inputs_hint(model, option: str = "--input-shape") -> str:
+    """What to give instead, for an error about inputs the model did not run on."""
+    names = positional_inputs(model)
+    if names and len(names) > 1:
+        return (f"the model takes {len(names)} positional inputs ({', '.join(names)}): give one {option} per input, "
+                "in order")
+    if names:
+        return f"the model takes one positional input ({names[0]}): give {option} with the shape it expects"
+    return f"give {option} with the shapes the model expects, one per positional input"

@@ -138,12 +138,38 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
 # entries it writes, and what each may hold.
 _SWAP_FIELDS = ("to", "options", "arch", "arch_kwargs", "include", "exclude", "input_shape")
 _MAX_GLOBS = 1000
+# what swap_norms takes besides the target's options (SwapReport.rebuild_options): the selection, the probe shapes
+_SELECTION_KEYS = ("include", "exclude", "input_shape", "input_shapes")
+
+
+def _check_selection(label: str, name: str, value, refuse) -> None:
+    """A stored selection (include/exclude globs) or probe shape(s), held to the command line's limits."""
+    from normcli.swap import MAX_PROBE_SHAPES, check_probe_shape
+
+    if value is None:
+        return
+    if name in ("include", "exclude"):
+        if not isinstance(value, list) or len(value) > _MAX_GLOBS \
+                or not all(isinstance(g, str) and 0 < len(g) <= 1000 for g in value):
+            raise refuse(label, f"is not a list of at most {_MAX_GLOBS} name patterns")
+        return
+    shapes = [value] if name == "input_shape" else value
+    if not isinstance(shapes, list) or not 1 <= len(shapes) <= MAX_PROBE_SHAPES:
+        raise refuse(label, f"is not a list of 1 to {MAX_PROBE_SHAPES} shapes")
+    for shape in shapes:
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise refuse(label, "is not a list of integers" if name == "input_shape" else
+                         "holds a shape that is not a list of integers")
+        try:
+            check_probe_shape(shape)
+        except NormcliError as e:
+            raise refuse(label, f"is refused: {e}") from None
 
 
 def check_swap_options(meta, path) -> dict:
     """The ``normcli_swap`` entry of a file, validated exactly like the same swap options on the command line
     (same types, same limits); refused with the stored option's name otherwise."""
-    from normcli.swap import SWAP_TARGETS, check_probe_shape
+    from normcli.swap import SWAP_TARGETS
 
     def refuse(name: str, why: str):
         return NormcliError(f"{path}: its stored swap option normcli_swap.{name} {why}; the file was not written "
@@ -162,26 +188,22 @@ def check_swap_options(meta, path) -> dict:
         raise refuse("options", "is not a dict")
     defaults = SWAP_TARGETS[to].defaults
     for name, value in options.items():
+        if name in _SELECTION_KEYS:
+            _check_selection(f"options.{name}", name, value, refuse)
+            continue
         if name not in defaults:
-            raise refuse(f"options.{str(name)[:40]}", f"is not an option of --to {to} (it takes {', '.join(defaults)})")
+            raise refuse(f"options.{str(name)[:40]}", f"is not an option of --to {to} (it takes "
+                                                      f"{', '.join([*defaults, *_SELECTION_KEYS])})")
         want = type(defaults[name])
-        ok = (type(value) is bool) if want is bool else (type(value) is int) if want is int else             (type(value) in (int, float) and math.isfinite(value)) if want is float else isinstance(value, want)
+        ok = (type(value) is bool) if want is bool else (type(value) is int) if want is int else \
+            (type(value) in (int, float) and math.isfinite(value)) if want is float else isinstance(value, want)
         if not ok:
             raise refuse(f"options.{name}", f"is {str(value)[:40]!r}, not a {want.__name__} like the command "
                                              "line's")
-    for name in ("include", "exclude"):
-        globs = meta.get(name)
-        if globs is not None and (not isinstance(globs, list) or len(globs) > _MAX_GLOBS
-                                  or not all(isinstance(g, str) and 0 < len(g) <= 1000 for g in globs)):
-            raise refuse(name, f"is not a list of at most {_MAX_GLOBS} name patterns")
-    shape = meta.get("input_shape")
-    if shape is not None:
-        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-            raise refuse("input_shape", "is not a list of integers")
-        try:
-            check_probe_shape(shape)
-        except NormcliError as e:
-            raise refuse("input_shape", f"is refused: {e}") from None
+    if options.get("input_shape") is not None and options.get("input_shapes") is not None:
+        raise refuse("options.input_shapes", "is given together with options.input_shape (swap writes one)")
+    for name in ("include", "exclude", "input_shape"):  # where older files kept the selection and probe shape
+        _check_selection(name, name, meta.get(name), refuse)
     for name in ("arch",):
         if meta.get(name) is not None and (not isinstance(meta[name], str) or len(meta[name]) > 1000):
             raise refuse(name, "is not a short string")
@@ -190,7 +212,7 @@ def check_swap_options(meta, path) -> dict:
     try:
         from normcli.swap import resolve_options
 
-        resolve_options(to, options)
+        resolve_options(to, {k: v for k, v in options.items() if k not in _SELECTION_KEYS})
     except NormcliError as e:
         raise refuse("options", f"is refused: {e}") from None
     return meta
@@ -218,8 +240,10 @@ def _apply_swap(model, meta: dict, path):
     """A file written by `normcli swap` holds the swapped model's state dict: rebuild that model first."""
     from normcli.swap import swap_norms
 
-    swapped, _ = swap_norms(model.eval(), meta["to"], include=meta.get("include"), exclude=meta.get("exclude"),
-                            input_shape=meta.get("input_shape"), **meta["options"])
+    options = dict(meta["options"])
+    if not set(_SELECTION_KEYS) & set(options):  # written before the options held the selection and the probe shape
+        options.update(include=meta.get("include"), exclude=meta.get("exclude"), input_shape=meta.get("input_shape"))
+    swapped, _ = swap_norms(model.eval(), meta["to"], **options)
     return swapped
 
 

@@ -1,9 +1,10 @@
 """Check that an ONNX model computes what the torch model computes, with onnxruntime on the CPU.
 
 The rule is numpy's ``allclose`` with the torch output as the reference ``b``: an element fails only when
-``|a - b| > atol + rtol * |b|``. NaN against a number fails, NaN against NaN passes, an infinity passes only
-against the same infinity. Defaults ``atol=1e-4``, ``rtol=1e-3``: typical float32 round-off for deep nets,
-well below what a wrong fold or a wrong export gives.
+``|a - b| > atol + rtol * |b|``. NaN against a number fails, NaN against NaN agrees, an infinity agrees only
+with the same infinity. A reference that holds NaN or Inf fails the check all the same (``problem`` starts
+with ``non-finite``): agreement with a broken reference proves nothing. Defaults ``atol=1e-4``,
+``rtol=1e-3``: typical float32 round-off for deep nets, well below what a wrong fold or a wrong export gives.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class OutputParity:
     mean_abs: float
     mismatched: int  # elements out of tolerance, over all samples
     elements: int = 0
-    problem: str | None = None  # set when the outputs could not even be compared (shape or count)
+    problem: str | None = None  # set when the outputs could not be compared (shape) or the reference is NaN/Inf
+    nonfinite_reference: int = 0  # reference elements that are NaN or Inf, over all samples
 
 
 @dataclass
@@ -184,6 +186,7 @@ class _ErrorStats:
         self.sum_abs = 0.0
         self.elements = 0
         self.mismatched = 0
+        self.nonfinite = 0
         self.problem: str | None = None
 
     def add(self, actual, reference, atol: float, rtol: float) -> None:
@@ -196,6 +199,7 @@ class _ErrorStats:
             return
         a = actual.astype(np.float64)
         b = reference.astype(np.float64)
+        self.nonfinite += int(b.size - np.count_nonzero(np.isfinite(b)))
         self.mismatched += int(mismatch_mask(a, b, atol, rtol).sum())
         self.elements += int(b.size)
         if b.size == 0:
@@ -212,8 +216,13 @@ class _ErrorStats:
 
     def result(self) -> OutputParity:
         mean = self.sum_abs / self.elements if self.elements else 0.0
+        problem = self.problem
+        if problem is None and self.nonfinite:
+            problem = (f"non-finite: the torch output holds NaN/Inf in {self.nonfinite} of {self.elements} elements, "
+                       "so agreement proves nothing")
         return OutputParity(name=self.name, max_abs=self.max_abs, max_rel=self.max_rel, mean_abs=mean,
-                            mismatched=self.mismatched, elements=self.elements, problem=self.problem)
+                            mismatched=self.mismatched, elements=self.elements, problem=problem,
+                            nonfinite_reference=self.nonfinite)
 
 
 def _nanmax(x: float, y: float) -> float:

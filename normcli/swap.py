@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from normcli.errors import NormcliError, describe
 from normcli.fx_tools import drop_string_annotations
 from normcli.inputs import infer_input_shape, make_inputs
+from normcli.norm_act import norm_act_followers, norm_act_of, qualified_name
 
 if TYPE_CHECKING:
     import torch
@@ -63,11 +64,23 @@ class SwapReport:
     eval_drift: dict[str, float] | None = None  # {"max_abs", "max_rel"}; max_rel is relative to max |output|
     train_check: dict[str, Any] | None = None  # {"passed", "batch_size", "nonfinite_grads", "error"}
     traced: bool | None = None  # None: the target needed no dataflow; False: torch.fx could not trace
-    input_shape: list[int] | None = None
+    input_shape: list[int] | None = None  # the first probe input's shape
+    input_shapes: list[list[int]] | None = None  # every probe input's shape: one per positional input, in order,
+    #                                               then the next configuration's
+    input_source: str | None = None  # where the probe inputs came from
+    include: list[str] | None = None
+    exclude: list[str] | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def rebuild_options(self) -> dict[str, Any]:
+        """The keyword arguments with which ``swap_norms(<the same architecture>, to, **rebuild_options)`` builds
+        the same module structure: the target's options, the selection and the probe shapes."""
+        return {**self.options, "include": self.include, "exclude": self.exclude,
+                "input_shapes": self.input_shapes}
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "rebuild_options": self.rebuild_options}
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,10 @@ class SwapTarget:
     needs_dataflow: Callable[[Mapping[str, Any]], bool] = lambda options: False
     # whether the swapped model must compute the same eval output (the CLI then fails on any drift)
     eval_exact: Callable[[Mapping[str, Any]], bool] = lambda options: False
+    # whether the new layer takes over the BatchNorm's running statistics: then findings about those statistics
+    # (stale, non-finite, negative, tiny, mixed tracking) stop the swap; otherwise only findings on what the
+    # new layer keeps (weight and bias) do
+    carries_running_stats: bool = True
 
 
 def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[str, Any]) -> nn.Module | str:
@@ -105,8 +122,8 @@ def _convert_frn(name: str, bn: nn.Module, rank: int | None, options: Mapping[st
         if isinstance(bn, nn.BatchNorm1d) and learnable_eps:
             rank = 3  # FilterResponseNorm1d with learnable eps takes (N, C) and (N, C, L) alike
         else:
-            return ("its input rank is unknown (it did not run on the probe input): pass an input shape, "
-                    "or exclude it")
+            return ("its input rank is unknown: it did not run on the probe inputs (probe with inputs on which "
+                    "forward calls it, or exclude it)")
     if rank == 2 and not learnable_eps:
         return ("it normalises (N, C) inputs, where FRN degenerates to sign(x); pass learnable_eps=True to "
                 "swap it for FRN with a learnable eps")
@@ -129,6 +146,8 @@ MAX_WARMUP_ITERS = 10 ** 9
 # Elements of one probe input (swap's drift and train checks): 1x3x2048x2048 fits, a 6000x6000 image does not.
 MAX_PROBE_ELEMENTS = 2 ** 24
 MAX_PROBE_DIMS = 8
+# probe input shapes in one swap (one per positional input, times the configurations)
+MAX_PROBE_SHAPES = 64
 
 
 def check_probe_shape(shape: Sequence[int]) -> None:
@@ -292,6 +311,7 @@ SWAP_TARGETS: dict[str, SwapTarget] = {
         convert=_convert_frn,
         validate=_validate_frn,
         absorbs_relu=True,
+        carries_running_stats=False,
     ),
     "mabn": SwapTarget(
         name="mabn",
@@ -301,6 +321,7 @@ SWAP_TARGETS: dict[str, SwapTarget] = {
         validate=_validate_mabn,
         needs_dataflow=lambda options: bool(options["cenconv"]),
         eval_exact=lambda options: not options["cenconv"],
+        carries_running_stats=True,
     ),
     "bn": SwapTarget(
         name="bn",
@@ -331,6 +352,7 @@ SWAP_TARGETS: dict[str, SwapTarget] = {
         defaults={"groups": 32},
         convert=_convert_gn,
         validate=_validate_gn,
+        carries_running_stats=False,
     ),
 }
 
@@ -361,6 +383,11 @@ def _as_patterns(globs: str | Iterable[str] | None) -> list[str]:
     return [globs] if isinstance(globs, str) else list(globs)
 
 
+def selection_reason(name: str, include: str | Iterable[str] | None, exclude: str | Iterable[str] | None) -> str | None:
+    """Why ``include``/``exclude`` leave the BatchNorm ``name`` alone, or None when they select it."""
+    return _selection_reason(name, _as_patterns(include), _as_patterns(exclude))
+
+
 def _selection_reason(name: str, include: list[str], exclude: list[str]) -> str | None:
     if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
         return f"not matched by include {', '.join(include)}"
@@ -381,9 +408,17 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def _probe_inputs(model: nn.Module, shape: Sequence[int], count: int) -> list[torch.Tensor]:
+def _probe_inputs(model: nn.Module, shapes: Sequence[Sequence[int]], count: int) -> list[tuple]:
+    """``count`` seeded samples, each a tuple of one tensor per shape (per positional input)."""
     dtype, device = _model_dtype_device(model)
-    return [sample[0].to(device) for sample in make_inputs([tuple(shape)], count, seed=PROBE_SEED, dtype=dtype)]
+    return [tuple(t.to(device) for t in sample)
+            for sample in make_inputs([tuple(s) for s in shapes], count, seed=PROBE_SEED, dtype=dtype)]
+
+
+def _given_inputs(model: nn.Module, tensors: Sequence[torch.Tensor]) -> tuple:
+    """User-given tensors on the model's device, floating ones in its dtype."""
+    dtype, device = _model_dtype_device(model)
+    return tuple((t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for t in tensors)
 
 
 def _output_tensors(out: Any) -> list[torch.Tensor]:
@@ -414,7 +449,7 @@ class _ModeRestored:
             module.training = flag
 
 
-def _probe(model: nn.Module, inputs: list[torch.Tensor], record_ranks: Iterable[str] = ()) -> tuple[list, dict]:
+def _probe(model: nn.Module, inputs: list[tuple], record_ranks: Iterable[str] = ()) -> tuple[list, dict]:
     """Eval outputs on the probe inputs and the input rank each named BatchNorm saw."""
     import torch
 
@@ -427,7 +462,7 @@ def _probe(model: nn.Module, inputs: list[torch.Tensor], record_ranks: Iterable[
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with _ModeRestored(model, training=False), torch.no_grad():
-            outputs = [[t.detach().double() for t in _output_tensors(model(x))] for x in inputs]
+            outputs = [[t.detach().double() for t in _output_tensors(model(*x))] for x in inputs]
     finally:
         for handle in handles:
             handle.remove()
@@ -446,20 +481,26 @@ def _drift(before: list[list[torch.Tensor]], after: list[list[torch.Tensor]]) ->
                 continue
             diff = (a - b).abs().max().item()
             scale = a.abs().max().item()
-            max_abs = max(max_abs, diff)
-            max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+            max_abs = _nanmax(max_abs, diff)
+            max_rel = _nanmax(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
     return {"max_abs": max_abs, "max_rel": max_rel}
 
 
-def _train_check(model: nn.Module, shape: Sequence[int]) -> dict[str, Any]:
-    """One forward and backward in train mode at batch size 2, on a copy (the result's buffers stay as they are)."""
+def _nanmax(x: float, y: float) -> float:
+    """max that keeps a NaN: an output that became (or was) NaN must not read as no drift."""
+    return math.nan if math.isnan(x) or math.isnan(y) else max(x, y)
+
+
+def _train_check(model: nn.Module, sample: tuple) -> dict[str, Any]:
+    """One forward and backward in train mode on ``sample`` (one tensor per positional input), on a copy (the
+    result's buffers stay as they are)."""
     import torch
 
     trial = copy.deepcopy(model).train()
-    x = _probe_inputs(trial, [TRAIN_CHECK_BATCH] + list(shape[1:]), 1)[0]
-    result: dict[str, Any] = {"passed": False, "batch_size": TRAIN_CHECK_BATCH, "nonfinite_grads": [], "error": None}
+    batch = sample[0].shape[0] if sample and sample[0].dim() else None
+    result: dict[str, Any] = {"passed": False, "batch_size": batch, "nonfinite_grads": [], "error": None}
     try:
-        outputs = [t for t in _output_tensors(trial(x)) if t.is_floating_point() and t.requires_grad]
+        outputs = [t for t in _output_tensors(trial(*sample)) if t.is_floating_point() and t.requires_grad]
         if not outputs:
             result["error"] = "the model's output does not depend on any trainable parameter"
             return result
@@ -498,8 +539,12 @@ def _relu_label(node: torch.fx.Node) -> str:
 def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
     import torch.fx
 
+    class Tracer(torch.fx.Tracer):  # a norm+activation module is one call, like the norm it is
+        def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+            return norm_act_of(m) is not None or super().is_leaf_module(m, qualified_name)
+
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = Tracer().trace(model)
         drop_string_annotations(graph)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; all mean the same here
         report.traced = False
@@ -507,6 +552,57 @@ def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
         return None
     report.traced = True
     return graph
+
+
+def opaque_norm_reason(bn: nn.Module) -> str | None:
+    """Why a BatchNorm subclass is left alone: it overrides forward and is not a known norm+activation class."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return None
+    spec = norm_act_of(bn)
+    if spec is not None and spec.norm == "batchnorm":
+        return None
+    return (f"{qualified_name(type(bn))} overrides forward() and is not a known norm+activation class, so what "
+            "it computes besides the norm is unknown; replacing it could drop that")
+
+
+def _norm_part(bn: nn.Module) -> nn.Module:
+    """A plain BatchNorm1d/2d/3d or SyncBatchNorm holding a norm+activation module's norm state."""
+    from torch import nn
+
+    base = next(c for c in (nn.SyncBatchNorm, nn.BatchNorm3d, nn.BatchNorm2d, nn.BatchNorm1d) if isinstance(bn, c))
+    ref = bn.running_var if bn.running_var is not None else bn.weight
+    plain = base(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                 track_running_stats=bn.track_running_stats,
+                 device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    own = {k: v for k, v in bn.state_dict().items() if "." not in k}
+    plain.load_state_dict(own)
+    return plain.train(bn.training)
+
+
+def _convert_keeping_followers(target: SwapTarget, name: str, bn: nn.Module, rank: int | None,
+                               options: Mapping[str, Any], report: SwapReport) -> nn.Module | str:
+    """The target's conversion of ``bn``; for a norm+activation module, of its norm part, with its dropout and
+    activation kept after the new norm (FRN's TLU takes the place of a ReLU)."""
+    from torch import nn
+
+    from normcli.layers.norm_act import NORM_ACT_BY_BASE, with_followers
+
+    if norm_act_of(bn) is None:
+        return target.convert(name, bn, rank, options)
+    followers = dict(norm_act_followers(bn))
+    new = target.convert(name, _norm_part(bn), rank, options)
+    if isinstance(new, str):
+        return new
+    if type(new) not in NORM_ACT_BY_BASE:
+        return f"normcli has no {type(new).__name__} with an activation to keep {type(bn).__name__}'s"
+    act = followers.get("act")
+    if target.absorbs_relu and type(act) is nn.ReLU:
+        report.absorbed_activations.append(f"{name}.act (inside {name})")
+        act = None
+    return with_followers(new, followers.get("drop"), act)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -521,6 +617,8 @@ def swap_norms(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     input_shape: Sequence[int] | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    inputs: Sequence[torch.Tensor] | None = None,
     probe_samples: int = 2,
     inplace: bool = False,
     **options: Any,
@@ -529,9 +627,13 @@ def swap_norms(
 
     Args:
         include, exclude: fnmatch globs (or lists of them) on module names selecting which BatchNorms to swap.
-        input_shape: the shape of the seeded probe inputs used for ``eval_drift``, to see each BatchNorm's
-            input rank, and (with batch size 2) for ``train_check``. None: guessed from the first conv or
-            linear layer (a note says so).
+        input_shapes: shapes of the seeded probe inputs, one per positional input of the model, in order; more
+            shapes are more configurations, taken N at a time for a model with N positional inputs. The probe
+            gives ``eval_drift``, each BatchNorm's input rank, and (at batch size 2) ``train_check``.
+            ``input_shape``: the same for a one-input model. Neither: guessed from the first conv or linear
+            layer (a note says so).
+        inputs: real input tensors instead of shapes (grouped the same way); the train check runs on the first
+            configuration (a batch of one is repeated to two).
         inplace: change ``model`` itself instead of a deep copy (the result may still be a new GraphModule).
         options: the target's options, see ``SWAP_TARGETS[to].defaults``. frn: ``learnable_eps``; mabn: ``B``,
             ``real_B``, ``warmup_iters``, ``momentum``, ``cenconv``.
@@ -539,65 +641,102 @@ def swap_norms(
     When a ReLU call is absorbed, the result is a ``torch.fx.GraphModule`` traced in the model's current
     train/eval mode (Python branches on ``self.training`` are fixed at that point, as with any fx trace).
 
-    Returns the swapped model and a :class:`SwapReport`. Running ``swap_norms`` on a freshly built model of the
-    same architecture with the same options gives a model whose ``state_dict()`` has the same keys, so a
-    saved state dict of the result loads into it.
+    Returns the swapped model and a :class:`SwapReport`. ``swap_norms(<a fresh model of the same architecture>,
+    to, **report.rebuild_options)`` gives a model whose ``state_dict()`` has the same keys, so a saved state
+    dict of the result loads into it.
     """
     import torch.fx
     from torch import nn
 
+    from normcli.inputs import input_configurations, inputs_hint
+    from normcli.inspection import NORM_CLASSES
+
     if to not in SWAP_TARGETS:
         raise NormcliError(f"unknown swap target {to!r}; choose one of {', '.join(SWAP_TARGETS)}")
+    given = [x is not None for x in (input_shape, input_shapes, inputs)]
+    if sum(given) > 1:
+        raise NormcliError("give one of input_shape, input_shapes and inputs, not several")
     target = SWAP_TARGETS[to]
     resolved = _resolve_options(target, options)
-    report = SwapReport(to=to, options=resolved)
     include_globs, exclude_globs = _as_patterns(include), _as_patterns(exclude)
+    report = SwapReport(to=to, options=resolved, include=include_globs or None, exclude=exclude_globs or None)
     report.params_before = _count_params(model)
     model = model if inplace else copy.deepcopy(model)
 
     norms = [(name, m) for name, m in model.named_modules() if name and isinstance(
         m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))]
 
-    shape = list(input_shape) if input_shape is not None else None
-    if shape is not None:
-        check_probe_shape(shape)
-    if shape is None:
-        try:
-            guessed, source = infer_input_shape(model)
-            shape = list(guessed)
-            report.notes.append(f"no input shape given; probed with {shape}, {source}")
-        except NormcliError:  # no conv or linear layer: no probe, so no drift and no train check
-            pass
+    # probe samples: a list of configurations, each a list of samples (one tensor per positional input)
+    configs: list[list[tuple]] | None = None
+    shapes: list[list[int]] | None = None
+    source = None
+    if inputs is not None:
+        groups = input_configurations(list(inputs), model, "inputs")
+        configs = [[_given_inputs(model, group)] for group in groups]
+        shapes, source = [list(t.shape) for t in inputs], "inputs"
+    else:
+        if input_shape is not None:
+            shapes, source = [[int(d) for d in input_shape]], "input_shape"
+        elif input_shapes is not None:
+            shapes, source = [[int(d) for d in s] for s in input_shapes], "input_shapes"
+        else:
+            try:
+                guessed, how = infer_input_shape(model)
+                shapes, source = [list(guessed)], "guessed"
+                report.notes.append(f"no input shape given; probed with {shapes[0]}, {how}")
+            except NormcliError:  # no conv or linear layer: no probe, so no drift and no train check
+                pass
+        if shapes is not None:
+            if not shapes or len(shapes) > MAX_PROBE_SHAPES:
+                raise NormcliError(f"{len(shapes)} input shapes: give 1 to {MAX_PROBE_SHAPES}")
+            for s in shapes:  # the same bound as the command line's and a swap file's stored shapes
+                check_probe_shape(s)
+            groups = input_configurations(shapes, model, "input shapes") if source != "guessed" else [shapes]
+            configs = [_probe_inputs(model, group, probe_samples) for group in groups]
     before, ranks = None, {}
-    if shape is not None:
+    if configs is not None:
         try:
-            before, ranks = _probe(model, _probe_inputs(model, shape, probe_samples), [n for n, _ in norms])
+            before, ranks = _probe(model, [x for config in configs for x in config], [n for n, _ in norms])
         except Exception as exc:  # noqa: BLE001
-            if input_shape is not None:
+            if source != "guessed":
+                raw = ", ".join(",".join(map(str, s)) for s in shapes)
                 raise NormcliError(
-                    f"the model does not run on an input of shape {tuple(shape)} ({type(exc).__name__}: {exc}); "
-                    "pass the shape it expects"
+                    f"the model does not run on inputs of shapes {raw} (from {source}) ({describe(exc)}); "
+                    f"{inputs_hint(model, '--input' if source == 'inputs' else '--input-shape')}"
                 ) from exc
-            report.notes.append(f"the model did not run on the guessed input shape {shape}; "
-                                "pass an input shape to get eval_drift and train_check")
-            shape = None
-    report.input_shape = shape
+            report.notes.append(f"the model did not run on the guessed input shape {shapes[0]}, so there is no "
+                                f"eval_drift or train_check; {inputs_hint(model)}")
+            configs, shapes = None, None
+    report.input_shapes = shapes
+    report.input_shape = shapes[0] if shapes else None
+    report.input_source = source if shapes else None
 
     replacements: dict[str, nn.Module] = {}
     for name, bn in norms:
         reason = _selection_reason(name, include_globs, exclude_globs)
-        new = reason if reason is not None else target.convert(name, bn, ranks.get(name), resolved)
+        if reason is None:
+            reason = opaque_norm_reason(bn)
+        new = reason if reason is not None else _convert_keeping_followers(
+            target, name, bn, ranks.get(name), resolved, report)
         if isinstance(new, str):
             report.skipped.append({"name": name, "reason": new})
         else:
             replacements[name] = new
             entry = {"name": name, "from": type(bn).__name__, "to": type(new).__name__}
+            kept = norm_act_followers(new)
+            if norm_act_of(bn) is not None:
+                entry["keeps"] = [f"{attr} ({type(m).__name__})" for attr, m in kept if type(m) is not nn.Identity]
             if isinstance(new, nn.GroupNorm):
                 entry["groups"] = new.num_groups
                 if new.num_groups != resolved["groups"]:
                     report.notes.append(f"{name}: {new.num_groups} groups instead of {resolved['groups']}, the "
                                         f"largest divisor of its {new.num_channels} channels that is not larger")
             report.replaced.append(entry)
+    # every other norm layer is accounted for too
+    for name, m in model.named_modules():
+        if name and type(m).__name__ in NORM_CLASSES and not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            report.skipped.append({"name": name, "reason": f"it is a {type(m).__name__}, not a BatchNorm; swap "
+                                   "replaces BatchNorm layers only"})
 
     graph = None
     if replacements and (target.absorbs_relu or target.needs_dataflow(resolved)):
@@ -606,7 +745,7 @@ def swap_norms(
     modules = dict(model.named_modules())
     if graph is not None and target.absorbs_relu:
         absorbed = _absorb_relus(graph, modules, replacements)
-        report.absorbed_activations = absorbed
+        report.absorbed_activations += absorbed
         if absorbed:
             result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
             called = {node.target for node in graph.nodes if node.op == "call_module"}
@@ -624,11 +763,22 @@ def swap_norms(
         _centre_convs(result, graph, modules, replacements, report)
 
     report.params_after = _count_params(result)
-    if shape is not None and before is not None:
-        after, _ = _probe(result, _probe_inputs(result, shape, probe_samples))
+    if configs is not None and before is not None:
+        after, _ = _probe(result, [x for config in configs for x in config])
         report.eval_drift = _drift(before, after)
-        report.train_check = _train_check(result, shape)
+        report.train_check = _train_check(result, _train_sample(result, configs[0][0], source))
     return result, report
+
+
+def _train_sample(model: nn.Module, sample: tuple, source: str | None) -> tuple:
+    """The train check's input: seeded at batch 2 for shapes; given inputs as they are, a batch of one
+    repeated to two (train-mode BatchNorm needs more than one value per channel)."""
+    import torch
+
+    if source == "inputs":
+        return tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in sample)
+    shapes = [[TRAIN_CHECK_BATCH, *t.shape[1:]] if t.dim() else list(t.shape) for t in sample]
+    return _probe_inputs(model, shapes, 1)[0]
 
 
 def _absorb_relus(graph: torch.fx.Graph, modules: Mapping[str, nn.Module],

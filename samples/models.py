@@ -689,6 +689,43 @@ def unhealthy_net(in_channels: int = 3, channels: int = 8, num_classes: int = 10
 
 
 # --------------------------------------------------------------------------------------------------------
+# Several positional inputs (an image and a feature vector), as in models that join a picture with metadata
+# --------------------------------------------------------------------------------------------------------
+
+
+class ImageAndFeatures(nn.Module):
+    """``forward(image, features)``: conv -> BN2d -> ReLU on the image, Linear -> BN1d -> ReLU on the (N, F)
+    features, then a linear head on both. The BN1d sees (N, C) inputs: only a probe with the second input
+    tells a swap so."""
+
+    def __init__(self, in_channels: int = 3, num_features: int = 6, width: int = 8, num_classes: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn_image = nn.BatchNorm2d(width)
+        self.proj = nn.Linear(num_features, width, bias=False)
+        self.bn_features = nn.BatchNorm1d(width)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.bn_image(self.conv(image))).mean(dim=(2, 3))
+        b = self.relu(self.bn_features(self.proj(features)))
+        return self.head(torch.cat([a, b], dim=1))
+
+
+def image_and_features(in_channels: int = 3, num_features: int = 6, width: int = 8,
+                       num_classes: int = 4) -> ImageAndFeatures:
+    """Two positional inputs, ``image`` (N, C, H, W) and ``features`` (N, F); not in ``MODELS``, whose entries
+    take one input."""
+    return ImageAndFeatures(in_channels, num_features, width, num_classes)
+
+
+# example input shapes (batch 2), one per positional input
+MULTI_INPUT_MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[tuple[int, ...], ...]]] = {
+    "image_and_features": (image_and_features, ((2, 3, 16, 16), (2, 6))),
+}
+
+# --------------------------------------------------------------------------------------------------------
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...]]] = {
     "resnet_tiny": (resnet_tiny, (2, 3, 32, 32)),

@@ -259,6 +259,8 @@ def test_pt2_example_inputs_are_used_under_unsafe_load(cli, tmp_path):
     (["--exporter", "onnxscript"], "--exporter"),
     (["--samples", "0"], "--samples"),
     (["--exporter", "dynamo", "--opset", "13"], "torchscript"),
+    (["--atol", "nan"], "--atol and --rtol must be finite"),
+    (["--input-shape", "100000,3,1000,1000"], "give smaller input shapes"),
 ])
 def test_bad_invocations_exit_2_with_one_error_line_and_no_file(cli, tmp_path, args, message):
     ckpt = save_state_dict("small_cnn", tmp_path)
@@ -307,3 +309,151 @@ def test_python_dash_m_subprocess_writes_a_file_and_keeps_stdout_json_only(tmp_p
                           capture_output=True, text=True, cwd=tmp_path, env=_env(),
                           timeout=300)
     assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+# --- never bless a broken model -------------------------------------------------------------------------------
+
+UNHEALTHY = ROOT / "samples" / "unhealthy.pt"
+
+
+def error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert sum(line.startswith("error:") for line in lines) == 1
+    return lines[-1]
+
+
+def test_findings_stop_fuse_export_before_folding(tmp_path):
+    out = tmp_path / "u.onnx"
+    cmd = [sys.executable, "-m", "normcli", "fuse-export", str(UNHEALTHY), "--arch", f"{MODELS_PY}:unhealthy_net",
+           "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and not out.exists() and not leftovers(tmp_path)
+    line = error_line(proc.stderr)
+    assert "bn_stale stale-stats, bn_nan non-finite, bn_negative_var negative-var" in line
+    assert "--fail-on never" in line and "nothing was written" in line
+    proc = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and not out.exists()
+    doc = json.loads(proc.stdout)
+    assert doc["output"] is None and doc["parity"] is None
+    assert sorted(f["code"] for f in doc["findings"] if f["stops"]) == ["negative-var", "non-finite", "stale-stats"]
+
+
+@pytest.mark.slow
+def test_a_non_finite_reference_fails_parity_and_names_the_layers(tmp_path):
+    out = tmp_path / "u.onnx"
+    cmd = [sys.executable, "-m", "normcli", "fuse-export", str(UNHEALTHY), "--arch", f"{MODELS_PY}:unhealthy_net",
+           "-o", str(out), "--fail-on", "never"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and not out.exists() and not leftovers(tmp_path)
+    line = error_line(proc.stderr)
+    assert "NaN/Inf" in line and "non-finite statistics: bn_nan" in line and "nothing was written" in line
+    rows = [row for row in proc.stdout.splitlines() if row.startswith("output ") and "mismatched" not in row]
+    assert len(rows) == 1 and "non-finite" in rows[0] and not rows[0].rstrip().endswith("ok")
+    assert not any(row.rstrip().endswith(" ok") for row in proc.stdout.splitlines()), proc.stdout
+
+    proc = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and not out.exists()
+    doc = json.loads(proc.stdout)
+    assert doc["parity"]["passed"] is False and doc["output"] is None
+    assert doc["parity"]["outputs"][0]["problem"].startswith("non-finite")
+    assert doc["fold_check"]["passed"] is False and doc["fold_check"]["problem"] == "non-finite"
+    assert doc["nonfinite"] == {"norms": ["bn_nan"], "first": "bn_nan"}
+
+
+# --- errors that are true --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_an_opset_the_installed_exporter_lacks_is_a_clean_usage_error(tmp_path, exporter):
+    from normcli.export import supported_opsets
+
+    low, high = supported_opsets(exporter)
+    # what the installed packages say, independently of normcli
+    if exporter == "torchscript":
+        from torch.onnx import _constants
+
+        assert (low, high) == (_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    else:
+        assert high == onnx.defs.onnx_opset_version() and low >= 18
+    ckpt = save_state_dict("small_cnn", tmp_path)
+    out = tmp_path / "x.onnx"
+    for opset in (low - 1, high + 1):
+        proc = subprocess.run([sys.executable, "-m", "normcli", "fuse-export", str(ckpt), "--arch",
+                               f"{MODELS_PY}:small_cnn", "-o", str(out), "--exporter", exporter, "--opset",
+                               str(opset)], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and not out.exists()
+        assert proc.stderr.strip().splitlines() == [error_line(proc.stderr)]  # nothing else on stderr
+        assert f"opset {opset}" in proc.stderr and f"writes opsets {low} to {high}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_highest_opset_exports_without_log_noise(tmp_path):
+    from normcli.export import supported_opsets
+
+    _, high = supported_opsets("dynamo")
+    ckpt = save_state_dict("small_cnn", tmp_path)
+    out = tmp_path / "x.onnx"
+    proc = subprocess.run([sys.executable, "-m", "normcli", "fuse-export", str(ckpt), "--arch",
+                           f"{MODELS_PY}:small_cnn", "-o", str(out), "--opset", str(high), "--input-shape", "2,1,8,8"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and out.exists()
+    assert onnx.load(str(out)).opset_import[0].version == high
+
+
+def test_a_missing_input_is_reported_before_an_existing_output(cli, tmp_path):
+    out = tmp_path / "exists.onnx"
+    out.write_bytes(b"keep")
+    code, _, err = cli("fuse-export", tmp_path / "missing.pt", "-o", out, "--arch", f"{MODELS_PY}:small_cnn")
+    assert code == 2 and "missing.pt: no such file" in err and "--force" not in err
+    assert out.read_bytes() == b"keep"
+
+
+# --- several inputs ----------------------------------------------------------------------------------------------
+
+def two_input_checkpoint(folder: Path) -> Path:
+    from samples.models import image_and_features
+
+    model = image_and_features()
+    g = torch.Generator().manual_seed(0)
+    for bn in (model.bn_image, model.bn_features):
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64).float() * 0.5)
+        bn.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64).float() + 0.5)
+    path = folder / "two.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_two_inputs_one_shape_each(cli, tmp_path):
+    ckpt = two_input_checkpoint(tmp_path)
+    arch = f"{MODELS_PY}:image_and_features"
+    out = tmp_path / "two.onnx"
+    code, stdout, err = cli("fuse-export", ckpt, "--arch", arch, "-o", out, "--input-shape", "2,3,16,16",
+                            "--input-shape", "2,6", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["parity"]["passed"] and doc["input_shapes"] == [[2, 3, 16, 16], [2, 6]] and out.exists()
+    assert [i.name for i in ort.InferenceSession(str(out)).get_inputs()] == ["image", "features"]
+    # one shape for two inputs: say so, without asking for an option that was given
+    code, _, err = cli("fuse-export", ckpt, "--arch", arch, "-o", tmp_path / "x.onnx", "--input-shape", "2,3,16,16")
+    assert code == 2 and "1 --input-shape given" in err and "takes 2 positional inputs (image, features)" in err
+    # no shape at all: the guess fits one input; the error names both
+    code, _, err = cli("fuse-export", ckpt, "--arch", arch, "-o", tmp_path / "x.onnx")
+    assert code == 2 and "(image, features): give one --input-shape per input" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_more_shapes_are_more_configurations(cli, tmp_path):
+    ckpt = save_state_dict("small_cnn", tmp_path)
+    out = tmp_path / "x.onnx"
+    args = ["fuse-export", ckpt, "--arch", f"{MODELS_PY}:small_cnn", "-o", out, "--samples", "1"]
+    code, stdout, err = cli(*args, "--input-shape", "1,1,8,8", "--input-shape", "3,1,8,8", "--dynamic-batch",
+                            "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    # the first configuration at two batch sizes (--dynamic-batch), and the second configuration
+    assert doc["parity"]["samples"] == 3 and doc["parity"]["passed"]
+    code, _, err = cli(*args, "--input-shape", "1,1,8,8", "--input-shape", "1,1,16,16", "--force")
+    assert code == 2 and "configuration 2 (1,1,16,16)" in err

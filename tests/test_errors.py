@@ -139,3 +139,15 @@ def test_error_through_the_installed_command(run_normcli, tmp_path):
 def test_debug_shows_the_traceback(run_normcli, tmp_path):
     proc = run_normcli("inspect", tmp_path / "missing.pt", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["swap"], "error: Missing argument 'path'; see 'normcli swap --help'"),
+    (["fuse-export", "x.pt"], "error: Missing option '-o' / '--output'; see 'normcli fuse-export --help'"),
+    (["inspect", "x.pt", "--bogus"], "error: No such option: --bogus"),
+])
+def test_usage_errors_read_cleanly(run_normcli, argv, message):
+    proc = run_normcli(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message) and ".;" not in lines[0], proc.stderr

@@ -158,13 +158,19 @@ def test_multi_input_dict_output_model(tmp_path):
         check_parity(model, path, [(torch.randn(4, 5),)])
 
 
-def test_nan_against_nan_passes_and_nan_against_a_number_fails(tmp_path):
+def test_nan_agrees_with_nan_but_a_nonfinite_reference_fails_and_nan_against_a_number_fails(tmp_path):
     path = tmp_path / "sqrt.onnx"
     inputs = [(torch.tensor([[-1.0, 4.0, 9.0, -2.0]]),)]  # negative entries give NaN on both sides
     export_onnx(Sqrt().eval(), inputs[0], path, exporter="torchscript")
 
     same = check_parity(Sqrt().eval(), path, inputs)
-    assert same.passed and same.outputs[0].max_abs == 0.0
+    # the elements agree, NaN with NaN, but a reference holding NaN proves nothing: the check fails
+    assert same.outputs[0].mismatched == 0 and same.outputs[0].max_abs == 0.0
+    assert not same.passed and same.outputs[0].problem.startswith("non-finite")
+    assert same.outputs[0].nonfinite_reference == 2
+
+    finite = [(torch.tensor([[1.0, 4.0, 9.0, 2.0]]),)]
+    assert check_parity(Sqrt().eval(), path, finite).passed
 
     class SqrtOfAbs(nn.Module):
         def forward(self, x):

@@ -204,6 +204,18 @@ SWAP_OPTION_CASES = {
     "include-not-list": ({"to": "frn", "options": {}, "include": "conv*"}, "normcli_swap.include"),
     "negative-shape": ({"to": "frn", "options": {}, "input_shape": [1, -3, 32, 32]}, "normcli_swap.input_shape"),
     "nan-momentum": ({"to": "mabn", "options": {"momentum": float("nan")}}, "normcli_swap.options.momentum"),
+    # the layout swap writes now: the selection and the probe shapes inside the options
+    "options-probe-6000x6000": ({"to": "frn", "options": {"include": None, "exclude": None,
+                                                          "input_shapes": [[1, 3, 6000, 6000]]}},
+                                "normcli_swap.options.input_shapes"),
+    "options-many-shapes": ({"to": "frn", "options": {"input_shapes": [[1, 3, 8, 8]] * 65}},
+                            "normcli_swap.options.input_shapes"),
+    "options-shape-of-strings": ({"to": "frn", "options": {"input_shapes": [["1", "3", "32", "32"]]}},
+                                 "normcli_swap.options.input_shapes"),
+    "options-include-not-list": ({"to": "frn", "options": {"include": "conv*"}}, "normcli_swap.options.include"),
+    "options-two-probe-shapes": ({"to": "frn", "options": {"input_shape": [1, 3, 32, 32],
+                                                           "input_shapes": [[1, 3, 32, 32]]}},
+                                 "normcli_swap.options.input_shapes"),
 }
 
 

@@ -65,3 +65,27 @@ def test_demo_table_is_the_committed_run():
     for row in rows:
         assert any(line.startswith(row.rstrip()[:-1]) for line in committed.splitlines()), row
     assert (ROOT / "examples" / "small_batch.png").stat().st_size > 1000
+
+
+def test_swap_rebuild_recipe_runs_as_written_after_a_swap_with_include(tmp_path):
+    """The README's swap command (with --include), then its rebuild recipe, verbatim but for the file name."""
+    import torch
+
+    command = next(c for c, _ in console_examples() if c.startswith("normcli swap "))
+    recipe = block_after("swap-rebuild")
+    assert "--include" in command and "/tmp/swapped_frn.pt" in command and "/tmp/swapped_frn.pt" in recipe
+    target = str(tmp_path / "swapped_frn.pt")
+    proc = shell(command.replace("/tmp/swapped_frn.pt", target))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    namespace: dict = {}
+    exec(compile(recipe.replace("/tmp/swapped_frn.pt", target), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    # the rebuilt model is the swapped one: the same layers replaced, and the same numbers
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["layer1.0.bn1"] == "FilterResponseNorm2d" and kinds["layer2.0.bn1"] == "BatchNorm2d"
+    from normcli.loading import load_model
+
+    loaded = load_model(target, arch="samples/models.py:resnet_tiny")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), loaded.model.eval()(x))

@@ -358,3 +358,75 @@ def test_frn_swap_exports_to_onnx_with_parity(tmp_path):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, swapped(x).numpy(), atol=1e-4, rtol=1e-3)
+
+
+# --- what a swap keeps, and how to redo it ----------------------------------------------------------------------
+
+def test_the_registry_says_which_targets_carry_running_statistics():
+    carrying = {name for name, target in SWAP_TARGETS.items() if target.carries_running_stats}
+    # FRN and GroupNorm keep only weight and bias; the others keep (or are) the running statistics
+    assert {"frn", "gn"}.isdisjoint(carrying) and {"mabn", "bn", "syncbn", "frozen"} <= carrying
+
+
+@pytest.mark.parametrize("to", ["frn", "mabn"])
+def test_rebuild_options_redo_a_partial_swap_on_a_fresh_model(to):
+    from samples.models import resnet_tiny
+
+    swapped, report = swap_norms(randomise_bn(resnet_tiny()).eval(), to, include=["layer1.*", "bn1"],
+                                 exclude="*.bn2", input_shape=(1, 3, 16, 16))
+    assert report.rebuild_options["include"] == ["layer1.*", "bn1"] and report.rebuild_options["exclude"] == ["*.bn2"]
+    assert report.rebuild_options["input_shapes"] == [[1, 3, 16, 16]]
+    fresh, again = swap_norms(resnet_tiny().eval(), to, **report.rebuild_options)
+    fresh.load_state_dict(swapped.state_dict(), strict=True)
+    assert again.replaced == report.replaced and again.skipped == report.skipped
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fresh.eval()(x), swapped.eval()(x))
+
+
+def test_two_input_probe_finds_each_batchnorms_rank_and_shapes_come_in_groups():
+    from samples.models import image_and_features
+
+    model = randomise_bn(image_and_features()).eval()
+    swapped, report = swap_norms(model, "frn", learnable_eps=True, input_shapes=[(2, 3, 8, 8), (2, 6)])
+    assert [r["to"] for r in report.replaced] == ["FilterResponseNorm2d", "FilterResponseNorm1d"]
+    assert report.train_check["passed"] and report.input_shapes == [[2, 3, 8, 8], [2, 6]]
+    with pytest.raises(NormcliError, match=r"3 input shapes given, but the model takes 2 positional inputs"):
+        swap_norms(model, "frn", input_shapes=[(2, 3, 8, 8), (2, 6), (2, 3, 8, 8)])
+    with pytest.raises(NormcliError, match=r"does not run on inputs of shapes 2,6, 2,3,8,8 .*give one --input-shape "
+                                           r"per input"):
+        swap_norms(model, "frn", input_shapes=[(2, 6), (2, 3, 8, 8)])
+    inputs = [torch.randn(1, 3, 8, 8), torch.randn(1, 6)]
+    _, from_tensors = swap_norms(model, "mabn", inputs=inputs)
+    assert from_tensors.eval_drift["max_rel"] <= 1e-5 and from_tensors.train_check["batch_size"] == 2
+
+
+def test_other_norm_layers_are_accounted_for_as_skipped():
+    class WithGroupNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.gn = nn.GroupNorm(2, 4)
+
+        def forward(self, x):
+            return self.gn(self.bn(self.conv(x)))
+
+    _, report = swap_norms(WithGroupNorm().eval(), "mabn", input_shape=(1, 3, 8, 8))
+    assert [r["name"] for r in report.replaced] == ["bn"]
+    assert report.skipped == [{"name": "gn", "reason": "it is a GroupNorm, not a BatchNorm; swap replaces "
+                                                       "BatchNorm layers only"}]
+
+
+def test_preflight_findings_stop_only_what_uses_them():
+    from normcli.preflight import GateFinding, judge, reaches
+
+    stale = GateFinding("a", "BatchNorm2d", "stale-stats", "error", "m", about="statistics")
+    weight = GateFinding("b", "BatchNorm2d", "non-finite", "error", "m", about="weights")
+    tiny = GateFinding("c", "BatchNorm2d", "tiny-var", "warning", "m", about="statistics")
+    assert judge([stale, weight, tiny], "error") == [stale, weight]
+    assert judge([stale, weight, tiny], "warning") == [stale, weight, tiny]
+    assert judge([stale, weight, tiny], "never") == []
+    # a result that does not use layer a's statistics: only what it keeps stops it
+    assert judge([stale, weight, tiny], "warning", lambda layer: layer != "a") == [weight, tiny]
+    assert stale.note and not weight.note
+    assert reaches("warning", "warning") and not reaches("info", "warning") and not reaches("error", "never")

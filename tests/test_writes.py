@@ -237,8 +237,10 @@ def test_sigkill_during_the_real_swap_write(tmp_path):
     dest.write_bytes(b"last good swap\n")
     from tests.conftest import normcli_executable
 
-    proc = subprocess.Popen([*normcli_executable(), "swap", src, "--to", "frn", "-o", dest, "--force", "--arch",
-                             "samples/models.py:mlp_head", "--arch-kwargs", kwargs], cwd=ROOT,
+    # --learnable-eps: FRN takes the BatchNorm1d on (N, C) features only with a learnable eps, and a swap that
+    # replaces nothing writes nothing
+    proc = subprocess.Popen([*normcli_executable(), "swap", src, "--to", "frn", "--learnable-eps", "-o", dest,
+                             "--force", "--arch", "samples/models.py:mlp_head", "--arch-kwargs", kwargs], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_mid_write = False
     try:

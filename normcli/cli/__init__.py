@@ -118,7 +118,9 @@ def _cli_framework_exit(e: Exception) -> int | None:
     if hasattr(e, "format_message"):
         ctx = getattr(e, "ctx", None)
         command = f"normcli {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "normcli --help"
-        print(f"error: {_one_line(e.format_message())}; see '{command}'", file=sys.stderr)
+        # Click ends its sentences with a period; the pointer to --help follows as a clause of the same line
+        message = _one_line(e.format_message()).rstrip(".")
+        print(f"error: {message}; see '{command}'", file=sys.stderr)
         return 2
     return None
 

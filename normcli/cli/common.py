@@ -124,3 +124,34 @@ def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
         raise NormcliError(f"{option} {text!r} is not a shape; give positive integers separated by commas, "
                            f"e.g. {option} 1,3,224,224")
     return shape
+
+
+FailOnOption = typer.Option("error", "--fail-on", metavar="error|warning|never", case_sensitive=False,
+                            help="Stop with exit 1, writing nothing, when inspect's findings on the loaded model's "
+                                 "norm layers reach this severity (never: report them and go on).")
+
+
+def parse_fail_on(value: str) -> str:
+    from normcli.errors import NormcliError
+
+    value = value.lower()
+    if value not in ("error", "warning", "never"):
+        raise NormcliError(f"--fail-on must be error, warning or never, not {value!r}")
+    return value
+
+
+def check_inputs_first(*paths) -> None:
+    """Refuse a missing or unreadable input before anything looks at the output path."""
+    from normcli.formats import check_readable
+
+    for path in paths:
+        check_readable(path)
+
+
+def render_findings(findings, command: str) -> None:
+    """inspect's findings on the loaded model, one line each on stderr, with whether each stops ``command``."""
+    colors = {"error": "red", "warning": "yellow", "info": "cyan"}
+    for f in findings:
+        verdict = f" [red](stops {command})[/]" if f.stops else (f" (goes on: {cell(f.note)})" if f.note else "")
+        err_console.print(f"[{colors[f.severity]}]{f.severity:<7}[/] {cell(f.layer)} [bold]{cell(f.code)}[/]: "
+                          f"{cell(f.message)}{verdict}", soft_wrap=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
-                                UnsafeLoadOption, cell,
-                                err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailOnOption, JsonOption, LimitOption,
+                                UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
+                                parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings)
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
 # them without importing torch; a test checks they agree.
@@ -17,6 +18,8 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_SAMPLES = 3
 EXPORTERS = ("dynamo", "torchscript")
+LOWER_MODES = ("mul-add", "keep")  # normcli.lower.LOWER_MODES; DEFAULT_LOWER mirrors its default
+DEFAULT_LOWER = "keep"
 
 
 def fuse_export(
@@ -34,7 +37,8 @@ def fuse_export(
         None, "--input", metavar="FILE",
         help="Run parity on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
     opset: Optional[int] = typer.Option(None, "--opset", metavar="N",
-                                        help="ONNX opset. Default 18 (dynamo writes 18+, torchscript up to 20)."),
+                                        help="ONNX opset. Default 18; each exporter writes the opsets the "
+                                             "installed torch and onnx support (an error names them)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch",
                                        help="Make dim 0 of every input and output symbolic; parity then runs "
                                             "two batch sizes."),
@@ -55,8 +59,14 @@ def fuse_export(
         None, "--save-fused", metavar="PATH",
         help="Also write the folded torch model: a torch.export archive if PATH ends in .pt2, else TorchScript; "
              "both load with plain torch."),
+    lower_unfolded: str = typer.Option(
+        DEFAULT_LOWER, "--lower-unfolded", metavar="mul-add|keep", case_sensitive=False,
+        help="What becomes of a BatchNorm the fold could not fold (no conv or linear beside it): mul-add "
+             "rewrites its BatchNormalization node as a per-channel Mul + Add (scale and shift computed in "
+             "float64); keep (default, faster in onnxruntime) leaves the node."),
     keep_on_fail: bool = typer.Option(False, "--keep-on-fail", help="Write the outputs even if parity fails "
                                                                      "(the exit code is still 1)."),
+    fail_on: str = FailOnOption,
     json_out: bool = JsonOption,
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
@@ -72,13 +82,26 @@ def fuse_export(
         raise NormcliError(f"--exporter must be dynamo or torchscript, not {exporter!r}")
     if samples < 1:
         raise NormcliError(f"--samples must be at least 1, got {samples}")
-    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
-        raise NormcliError(f"--atol and --rtol must not be negative (got {atol}, {rtol})")
+    for name, value in (("--atol", atol), ("--rtol", rtol)):  # None: from the dtype; NaN compares False
+        if value is not None and not (value >= 0 and not math.isinf(value)):
+            raise NormcliError(f"--atol and --rtol must be finite and not negative (got {name} {value})")
+    fail_on = parse_fail_on(fail_on)
+    lower_unfolded = lower_unfolded.lower()
+    if lower_unfolded not in LOWER_MODES:
+        raise NormcliError(f"--lower-unfolded must be mul-add or keep, not {lower_unfolded!r}")
     shapes = [parse_shape(s) for s in input_shape or []]
-    # refuse a clobbering or unwritable output before the slow work starts
-    out_path = check_output_path(output, inputs=(path,), force=force)
+    if shapes and input_file:
+        raise NormcliError("give either --input or --input-shape, not both")
+    # a missing input is the first thing to say; then refuse a clobbering or unwritable output before the
+    # slow work starts
+    check_inputs_first(path, *(input_file or []))
+    out_path = check_output_path(output, inputs=(path, *(input_file or [])), force=force)
     if save_fused is not None:
         check_output_path(save_fused, inputs=(path, out_path), force=force)
+    if opset is not None:  # before the slow work: the installed exporter says which opsets it writes
+        from normcli.export import check_opset
+
+        check_opset(exporter, opset)
 
     with _status(json_out) as step:
         step("loading the model")
@@ -95,18 +118,49 @@ def fuse_export(
                             unsafe_load=unsafe_load,
                             limits=limits)
         tensors = [load_input_file(f) for f in input_file or []]
-        if tensors and shapes:
-            raise NormcliError("give either --input or --input-shape, not both")
+        step("checking the norm layers")
+        from normcli.preflight import judge, model_findings
+
+        findings = model_findings(loaded)
+        stopping = judge(findings, fail_on)  # a fold uses every statistic
+    if not json_out:
+        render_findings(findings, "fuse-export")
+    if stopping:
+        from normcli.preflight import summary
+
+        if json_out:
+            from normcli.export import DEFAULT_OPSET
+
+            # nothing was folded or exported: the opset is the one asked for
+            print_json({"output": None, "opset": opset or DEFAULT_OPSET[exporter], "exporter": exporter,
+                        "folded": [], "unfolded": [], "parity": None, "onnx": None, "findings": jsonable(findings)},
+                       schema="fuse-export")
+        raise CheckFailed(f"fuse-export stopped before folding: {len(stopping)} finding(s) at or above --fail-on "
+                          f"{fail_on} on the norm layers of {path}: {summary(stopping)}; exporting them would "
+                          "prove nothing; fix the checkpoint (normcli inspect shows the details), or pass "
+                          "--fail-on never to export anyway; nothing was written")
+
+    with _status(json_out) as step:
         report = run_pipeline(loaded.model, output, input_shapes=shapes or None, input_tensors=tensors or None,
                               example_inputs=loaded.example_inputs, exporter=exporter, opset=opset,
                               dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, samples=samples,
                               keep_on_fail=keep_on_fail, save_fused=save_fused, force=force, sources=(path,),
+                              lower_unfolded=lower_unfolded,
                               progress=step)
 
     if json_out:
-        print_json(report_json(report), schema="fuse-export")
+        print_json({**report_json(report), "findings": jsonable(findings)}, schema="fuse-export")
     else:
         render(report)
+    if report.nonfinite is not None:
+        kept = f"; {report.output} was written anyway (--keep-on-fail)" if report.output else \
+            "; nothing was written"
+        norms = ", ".join(report.nonfinite["norms"][:8]) or "none"
+        first = report.nonfinite["first"]
+        raise CheckFailed("the torch model's own output holds NaN/Inf on the test inputs, so parity proves "
+                          f"nothing: norm layers with non-finite statistics: {norms}"
+                          + (f"; the first module whose output is non-finite: {first}" if first else "")
+                          + f"; fix or recalibrate those statistics{kept}")
     if not report.parity.passed:
         failed = [o.name for o in report.parity.outputs if o.mismatched or o.problem]
         kept = f"; {report.output} was written anyway (--keep-on-fail)" if report.output else \
@@ -130,7 +184,8 @@ def report_json(report) -> dict:
         "input_shapes": report.input_shapes, "input_source": report.input_source,
         "fold_method": report.fold_method, "fold_note": report.fold_note, "fold_check": report.fold_check,
         "save_fused": report.save_fused, "save_fused_format": report.save_fused_format,
-        "warnings": report.warnings, "reference": report.reference,
+        "warnings": report.warnings, "reference": report.reference, "nonfinite": report.nonfinite,
+        "lower_unfolded": report.lower_unfolded, "lowered": report.lowered, "lower_kept": report.lower_kept,
     })
 
 
@@ -171,8 +226,10 @@ def render(report) -> None:
                 table.add_row(*(cell(row[c]) for c in columns))
             console.print(table)
     check = report.fold_check
+    verdict = "[green]ok[/]" if check.passed else \
+        ("[red]non-finite[/]: the original's output holds NaN/Inf" if check.problem else "[red]out of tolerance[/]")
     console.print(f"folded torch vs original torch: max abs {_num(check.max_abs)}, max rel {_num(check.max_rel)} "
-                  + ("[green]ok[/]" if check.passed else "[red]out of tolerance[/]"), soft_wrap=True)
+                  + verdict, soft_wrap=True)
 
     parity = report.parity
     console.print(f"parity in onnxruntime, original torch model as reference: {parity.samples} samples, "
@@ -189,6 +246,11 @@ def render(report) -> None:
     console.print(table)
     console.print(f"ONNX: {report.onnx['nodes']} nodes, {report.onnx['batchnorm_nodes']} BatchNormalization; "
                   f"{report.exporter} exporter, opset {report.opset}", soft_wrap=True)
+    if report.lowered:
+        console.print(f"lowered {len(report.lowered)} unfolded BatchNormalization node(s) to Mul + Add "
+                      "(--lower-unfolded mul-add)", soft_wrap=True)
+    for kept in report.lower_kept:
+        console.print(f"kept BatchNormalization {cell(kept['node'])}: {cell(kept['reason'])}", soft_wrap=True)
     if report.output:
         console.print(f"wrote {cell(report.output)}" + ("" if parity.passed else " (parity failed; --keep-on-fail)"),
                       soft_wrap=True)

@@ -6,9 +6,9 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
-                                UnsafeLoadOption, cell,
-                                err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailOnOption, JsonOption, LimitOption,
+                                UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
+                                parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings)
 
 from normcli.swap import SWAP_TARGETS, resolve_options  # the registry itself imports no torch
 
@@ -26,9 +26,13 @@ def swap(
                                                 help="Only swap BatchNorms whose name matches (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="GLOB",
                                                 help="Leave BatchNorms whose name matches (repeatable)."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", metavar="SHAPE",
-                                              help="Probe input shape, e.g. 1,3,224,224 (default: guessed "
-                                                   "from the first conv/linear layer)."),
+    input_shape: Optional[List[str]] = typer.Option(
+        None, "--input-shape", metavar="SHAPE",
+        help="Probe input shape, e.g. 1,3,224,224; repeat for several inputs (one per positional input, in "
+             "order; more are more configurations). Default: guessed from the first conv/linear layer."),
+    input_file: Optional[List[str]] = typer.Option(
+        None, "--input", metavar="FILE",
+        help="Probe on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
     learnable_eps: Optional[bool] = typer.Option(None, "--learnable-eps/--fixed-eps",
                                                  help="frn: learnable eps (also swaps BatchNorm1d after Linear)."),
     batch: Optional[int] = typer.Option(None, "--B", help="mabn: batch size one step sees (default 2)."),
@@ -42,6 +46,7 @@ def swap(
     groups: Optional[int] = typer.Option(None, "--groups", metavar="G",
                                          help="gn: groups per GroupNorm (default 32, lowered to the largest divisor "
                                               "of each layer's channels)."),
+    fail_on: str = FailOnOption,
     json_out: bool = JsonOption,
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
@@ -53,29 +58,39 @@ def swap(
     from normcli.atomic import atomic_output, check_output_path
     from normcli.errors import CheckFailed, NormcliError
 
-    out = check_output_path(output, inputs=(path,), force=force)
-    shape = parse_shape(input_shape, "--input-shape") if input_shape else None
+    if to not in SWAP_TARGETS:
+        raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
+    target = SWAP_TARGETS[to]
+    given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
+             "momentum": momentum, "cenconv": cenconv, "groups": groups}
+    foreign = [k for k, v in given.items() if v is not None and k not in target.defaults]
+    if foreign:
+        raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
+    options = {k: v for k, v in given.items() if k in target.defaults}
+    resolve_options(to, options)  # an impossible value fails here, before the model is loaded
+
+    fail_on = parse_fail_on(fail_on)
+    check_inputs_first(path, *(input_file or []))
+    out = check_output_path(output, inputs=(path, *(input_file or [])), force=force)
+    shapes = [parse_shape(s, "--input-shape") for s in input_shape or []]
+    if shapes and input_file:
+        raise NormcliError("give either --input or --input-shape, not both")
+    # the same checks (and limits) as for shapes stored in a swap file, before anything is loaded
+    from normcli.swap import MAX_PROBE_SHAPES, check_probe_shape
+
+    if len(shapes) > MAX_PROBE_SHAPES:
+        raise NormcliError(f"--input-shape given {len(shapes)} times; swap takes at most {MAX_PROBE_SHAPES}")
+    for shape in shapes:
+        check_probe_shape(list(shape))
     kwargs = parse_arch_kwargs(arch_kwargs)
 
     import torch
 
+    from normcli.inputs import input_configurations
     from normcli.loading import load_model
-    from normcli.swap import swap_norms
-
-    if to not in SWAP_TARGETS:
-        raise NormcliError(f"--to {to!r} is not a swap target; choose one of {', '.join(SWAP_TARGETS)}")
-    given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
-             "momentum": momentum, "cenconv": cenconv, "groups": groups}
-    foreign = [k for k, v in given.items() if v is not None and k not in SWAP_TARGETS[to].defaults]
-    if foreign:
-        raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
-    options = {k: v for k, v in given.items() if k in SWAP_TARGETS[to].defaults}
-    # the same checks (and limits) as for options stored in a file, before anything is loaded
-    from normcli.swap import check_probe_shape
-
-    resolve_options(to, options)
-    if shape is not None:
-        check_probe_shape(list(shape))
+    from normcli.parity import load_input_file
+    from normcli.preflight import judge, model_findings
+    from normcli.swap import selection_reason, swap_norms
 
     from normcli.formats import open_checkpoint
     from normcli.limits import parse_limits
@@ -88,21 +103,44 @@ def swap(
         raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
                            "--arch instead")
     model = loaded.model.eval()
+    tensors = [load_input_file(f) for f in input_file or []]
+    if shapes:
+        input_configurations(shapes, model, "--input-shape")  # a count that does not fit is a usage error
+    if tensors:
+        input_configurations(tensors, model, "--input")
+
+    # inspect's findings first: a swap that carries statistics over must not carry broken ones
+    include, exclude = include or None, exclude or None
+    findings = model_findings(loaded)
+    stopping = judge(findings, fail_on, lambda name: target.carries_running_stats
+                     or selection_reason(name, include, exclude) is not None)
+    if not json_out:
+        render_findings(findings, "swap")
+    if stopping:
+        _stop(findings, stopping, path, fail_on, to, json_out, "before swapping")
+
     if not json_out:
         err_console.print(f"swapping BatchNorm for {to} in {path} ...")
-    result, report = swap_norms(model, to, include=include or None, exclude=exclude or None,
-                                input_shape=shape, **options)
+    result, report = swap_norms(model, to, include=include, exclude=exclude,
+                                input_shapes=shapes or None, inputs=tensors or None, **options)
+
+    if not report.replaced:
+        _nothing_replaced(report, path)
+    if not target.carries_running_stats:  # a layer the target did not replace keeps its statistics after all
+        replaced = {r["name"] for r in report.replaced}
+        stopping = judge(findings, fail_on, lambda name: name not in replaced)
+        if stopping:
+            _stop(findings, stopping, path, fail_on, to, json_out, "after swapping, before writing")
 
     failures = _failed_checks(report)
-    doc = _report_json(report, None if failures else str(out))
+    doc = _report_json(report, None if failures else str(out), findings)
     if not failures:
         with atomic_output(out) as tmp:
             if loaded.flavour == "state_dict":
-                # the same arch + swap_norms(same options) rebuilds the module this state dict loads into
+                # swap_norms(the same arch, to, **options) rebuilds the module this state dict loads into
                 torch.save({"state_dict": result.state_dict(),
-                            "normcli_swap": {"to": to, "options": report.options, "arch": loaded.arch,
-                                             "arch_kwargs": loaded.arch_kwargs, "include": include or None,
-                                             "exclude": exclude or None, "input_shape": report.input_shape}},
+                            "normcli_swap": {"to": to, "options": report.rebuild_options, "arch": loaded.arch,
+                                             "arch_kwargs": loaded.arch_kwargs}},
                            tmp)
             else:
                 torch.save(result, tmp)
@@ -112,8 +150,38 @@ def swap(
         _render(report, doc["output"])
     if failures:
         raise CheckFailed(f"swap check failed: {'; '.join(failures)}; nothing was written")
-    if not report.replaced:
-        err_console.print("note: no BatchNorm was replaced (see skipped)")
+
+
+def _stop(findings, stopping, path: str, fail_on: str, to: str, json_out: bool, when: str) -> None:
+    from normcli.errors import CheckFailed
+    from normcli.preflight import summary
+
+    if json_out:
+        print_json({"to": to, "output": None, "replaced": [], "skipped": [], "absorbed_activations": [],
+                    "eval_drift": {"max_abs": None, "max_rel": None}, "findings": jsonable(findings)}, schema="swap")
+    raise CheckFailed(f"swap stopped {when}: {len(stopping)} finding(s) at or above --fail-on {fail_on} on the norm "
+                      f"layers of {path}: {summary(stopping)}; fix the checkpoint (normcli inspect shows the "
+                      "details), or pass --fail-on never to swap anyway; nothing was written")
+
+
+def _nothing_replaced(report, path: str) -> None:
+    """A swap that changes nothing is a mistake in the invocation: say why each norm stayed."""
+    from normcli.errors import NormcliError
+
+    for s in report.skipped:
+        err_console.print(f"skipped {cell(s['name'])}: {cell(s['reason'])}", soft_wrap=True)
+    if not report.skipped:
+        raise NormcliError(f"swap to {report.to} would replace nothing: the model in {path} has no norm layer; "
+                           "nothing was written")
+    groups: dict[str, list[str]] = {}
+    for s in report.skipped:
+        groups.setdefault(s["reason"], []).append(s["name"])
+    parts = []
+    for reason, names in groups.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        parts.append(f"{shown}: {reason}")
+    raise NormcliError(f"swap to {report.to} would replace no layer of {path}, so nothing was written; "
+                       f"{'; '.join(parts)}")
 
 
 def _failed_checks(report) -> list[str]:
@@ -131,9 +199,10 @@ def _failed_checks(report) -> list[str]:
     return failures
 
 
-def _report_json(report, output: str | None) -> dict:
+def _report_json(report, output: str | None, findings) -> dict:
     doc = jsonable(report.to_dict())
     doc["output"] = output
+    doc["findings"] = jsonable(findings)
     doc["eval_drift"] = doc.get("eval_drift") or {"max_abs": None, "max_rel": None}
     return doc
 
@@ -158,7 +227,8 @@ def _render(report, output: str | None) -> None:
         console.print(f"centred convs: {cell(', '.join(report.centred_convs))}", soft_wrap=True)
     console.print(f"parameters: {report.params_before:,} -> {report.params_after:,}")
     if report.eval_drift is not None:
-        console.print(f"eval drift on probe inputs {report.input_shape}: max abs {report.eval_drift['max_abs']:.3g}, "
+        shapes = " ".join(",".join(map(str, shape)) for shape in report.input_shapes or [])
+        console.print(f"eval drift on probe inputs {shapes}: max abs {report.eval_drift['max_abs']:.3g}, "
                       f"max rel {report.eval_drift['max_rel']:.3g}")
     if report.train_check is not None:
         ok = report.train_check.get("passed")
