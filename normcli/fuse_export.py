@@ -29,7 +29,9 @@ from typing import Callable, Sequence
 from normcli.atomic import atomic_output, check_output_path
 from normcli.errors import NormcliError, describe, first_line
 from normcli.inputs import infer_input_shape, input_configurations, inputs_hint
+from normcli.metrics import DEFAULT_QUANTILE
 from normcli.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult
+from normcli.parity_diagnostics import PRECISIONS, Diagnosis
 
 DEFAULT_SAMPLES = 3
 DEFAULT_EXPORTER = "dynamo"
@@ -71,6 +73,10 @@ class FuseExportReport:
     lower_unfolded: str = "keep"       # what became of the BatchNorm nodes left after the fold
     lowered: list[dict] = field(default_factory=list)     # {"node", "channels"}: became Mul + Add
     lower_kept: list[dict] = field(default_factory=list)  # {"node", "reason"}: left as BatchNormalization
+    precision: str = "fp32"            # of the exported model (--precision)
+    diagnosis: Diagnosis | None = None  # per-module errors, when compared (--compare-intermediates, failure, fp16)
+    saved_inputs: str | None = None    # golden files written (--save-inputs / --save-outputs)
+    saved_outputs: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -86,7 +92,10 @@ def fuse_export(model, output: str | os.PathLike, *,
                 seed: int = 0, keep_on_fail: bool = False, save_fused: str | os.PathLike | None = None,
                 lower_unfolded: str | None = None,
                 force: bool = False, sources: Sequence[str | os.PathLike] = (),
-                progress: Callable[[str], None] | None = None) -> FuseExportReport:
+                progress: Callable[[str], None] | None = None, check_stat: str | None = None,
+                quantile: float = DEFAULT_QUANTILE, provider: str | None = None,
+                compare_intermediates: bool = False, save_inputs: str | os.PathLike | None = None,
+                save_outputs: str | os.PathLike | None = None, precision: str = "fp32") -> FuseExportReport:
     """Fold, export and check ``model``; write ``output`` only if parity passed (or ``keep_on_fail``).
 
     input_shapes: one shape per model input; input_tensors: real inputs (then parity runs on them, not on
@@ -95,6 +104,10 @@ def fuse_export(model, output: str | os.PathLike, *,
     model's dtype (``dtype_tolerances``); a float16/bfloat16 model is judged against a float32 run of itself.
     lower_unfolded: what becomes of the BatchNorm nodes the fold left, ``"mul-add"`` or ``"keep"``
     (``normcli.lower``; None: ``DEFAULT_LOWER``).
+    check_stat/quantile/provider: see ``normcli.parity.check_parity``. compare_intermediates: compare every
+    module's output (also done when parity fails). save_inputs/save_outputs: golden ``.npz`` files for
+    ``normcli parity``. precision ``fp16``: export a float16 copy of the folded model and judge it against the
+    float32 model, with float16 tolerances by default.
     """
     import torch
 
@@ -110,12 +123,25 @@ def fuse_export(model, output: str | os.PathLike, *,
     output = check_output_path(output, inputs=tuple(sources), force=force)
     if save_fused is not None:
         save_fused = check_output_path(save_fused, inputs=(*sources, output), force=force)
+    golden_paths = []
+    for option, golden in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs)):
+        if golden is not None:
+            golden_paths.append(check_output_path(golden, inputs=(*sources, output, *golden_paths), force=force))
+        else:
+            golden_paths.append(None)
+    save_inputs, save_outputs = golden_paths
+    if precision not in PRECISIONS:
+        raise NormcliError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if samples < 1:
         raise NormcliError(f"--samples must be at least 1, got {samples}")
 
     _eval_mode(model)
     dtype = _input_dtype(model)
-    default_atol, default_rtol = dtype_tolerances(dtype)
+    half = precision == "fp16"
+    if half and dtype != torch.float32:
+        raise NormcliError(f"--precision fp16 exports a float16 copy of a float32 model, but this model is "
+                           f"{str(dtype).replace('torch.', '')}; leave --precision out to export it as it is")
+    default_atol, default_rtol = dtype_tolerances(torch.float16 if half else dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     if atol < 0 or rtol < 0:
@@ -124,6 +150,13 @@ def fuse_export(model, output: str | os.PathLike, *,
     widen = reference_model is not model
     inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
                                     dynamic_batch, dtype)
+    onnx_inputs = inputs
+    if half:  # the float32 reference and the float16 export see the same (float16) numbers
+        from normcli.parity_diagnostics import half_precision_inputs
+
+        inputs, onnx_inputs = half_precision_inputs(inputs)
+        reference_note = (f"the float32 model, the export in float16 (default tolerances {HALF_EPS_MULTIPLE} x "
+                          f"float16's epsilon {_EPS['float16']:g})")
     example = inputs[0]
     # with a symbolic batch, export at a batch of 2 or more: torch.export specialises a batch of 1
     export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
@@ -152,19 +185,28 @@ def fuse_export(model, output: str | os.PathLike, *,
     folded, fold_report = fold_module.fold_batchnorm(plain, inplace=plain is not model, example_inputs=example)
     _eval_mode(folded)
     step("checking the folded model in torch")
-    fold_check = _fold_check(folded, inputs, references, atol, rtol)
+    # float32 against float32: a float16 export's looser tolerances do not apply to the fold itself
+    fold_check = _fold_check(folded, inputs, references, *(dtype_tolerances(dtype) if half else (atol, rtol)))
+
+    exported_model = folded
+    if half:
+        from normcli.parity_diagnostics import half_model
+
+        exported_model = half_model(folded)
+        export_example = onnx_inputs[next(i for i, s in enumerate(inputs) if s is export_example)]
 
     with tempfile.TemporaryDirectory(prefix="normcli-") as scratch:
         onnx_path = Path(scratch) / output.name
         step(f"exporting with the {exporter} exporter")
-        exported = export_onnx(folded, export_example, onnx_path, exporter=exporter, opset=opset,
+        exported = export_onnx(exported_model, export_example, onnx_path, exporter=exporter, opset=opset,
                                dynamic_batch=dynamic_batch,
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs))
         lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
         try:
-            parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
+            parity = check_parity(model, onnx_path, onnx_inputs, atol=atol, rtol=rtol, references=references,
+                                  check_stat=check_stat, quantile=quantile, provider=provider)
         except NormcliError as e:
             if dtype == torch.bfloat16:
                 raise NormcliError(f"{e}; onnxruntime's CPU build runs few operators in bfloat16: export the "
@@ -172,10 +214,21 @@ def fuse_export(model, output: str | os.PathLike, *,
                                    "saving it)") from e
             raise
 
+        diagnosis = None
+        reason = ("--compare-intermediates" if compare_intermediates else "parity failed" if not parity.passed
+                  else "--precision fp16" if half else None)
+        if reason:
+            from normcli.parity_diagnostics import diagnose
+
+            step("comparing every module's output in onnxruntime and torch")
+            diagnosis = diagnose(folded, onnx_path, inputs, reason=reason, atol=atol, rtol=rtol, provider=provider,
+                                 onnx_inputs=onnx_inputs if half else None, precision=precision)
+
         written = None
         fused_format = None
         notes = list(exported.warnings)
         if parity.passed or keep_on_fail:
+
             if save_fused is not None:
                 step(f"saving the folded model to {save_fused}")
                 with warnings.catch_warnings(record=True) as caught:
@@ -186,6 +239,14 @@ def fuse_export(model, output: str | os.PathLike, *,
             with atomic_output(output) as tmp:
                 shutil.copyfile(onnx_path, tmp)
             written = str(output)
+            from normcli.parity_diagnostics import save_golden
+
+            if save_inputs is not None:  # what onnxruntime was fed, and what torch computed from it
+                step(f"saving the inputs to {save_inputs}")
+                save_golden(save_inputs, exported.input_names, onnx_inputs)
+            if save_outputs is not None:
+                step(f"saving the torch outputs to {save_outputs}")
+                save_golden(save_outputs, exported.output_names, references)
 
     return FuseExportReport(
         output=written, exporter=exported.exporter, opset=exported.opset, dynamic_batch=dynamic_batch,
@@ -197,7 +258,9 @@ def fuse_export(model, output: str | os.PathLike, *,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
         lower_unfolded=lowering.mode, lowered=lowering.lowered, lower_kept=lowering.kept,
-        warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite,
+        warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite, precision=precision,
+        diagnosis=diagnosis, saved_inputs=str(save_inputs) if written and save_inputs else None,
+        saved_outputs=str(save_outputs) if written and save_outputs else None,
     )
 
 
