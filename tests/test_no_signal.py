@@ -4,11 +4,11 @@ indexes and DCP directories) through inspect, scan, swap and fuse-export. Each r
 one ``error:`` line as its last stderr line (never ``error: unexpected``, never a traceback), and no payload
 ran; scan may also answer ``safe`` (exit 0) for a file that holds no pickle code, such as a JSON bomb.
 
-inspect and scan run as the installed ``normcli`` command, one process per case. swap and fuse-export import
-torch (seconds each): they run in one process per case too, forked from a driver that has already imported
-normcli's CLI and torch and that calls the installed console entry point (``normcli.cli:main``) in the
-child; the driver reads each child's exit status with waitpid, so a death by signal shows as it would from
-the shell.
+Each run is its own process: forked from a driver that has already imported normcli's CLI and torch (swap
+and fuse-export import torch, seconds each) and that calls the installed console entry point
+(``normcli.cli:main``) in the child; the driver reads each child's exit status with waitpid, so a death by
+signal shows as it would from the shell. One case of every kind also runs through the installed ``normcli``
+command itself.
 """
 
 from __future__ import annotations
@@ -83,20 +83,26 @@ def test_no_hostile_case_ends_any_command_by_a_signal(corpus, tmp_path):
     base, cases = corpus
     assert len(cases) >= 80 and {n.split("/")[0] for n in cases} >= {"zip", "json", "pickle", "bypass", "shards"}
     problems = []
-    # inspect and scan: the installed command, one process each
-    for name, path in cases.items():
+    # the installed command itself, one process each, for one case of every kind
+    firsts = {}
+    for name in cases:
+        firsts.setdefault(name.split("/")[0], name)
+    for name in firsts.values():
         for command in ("inspect", "scan"):
-            proc = subprocess.run([*normcli_executable(), command, str(path)], capture_output=True, text=True,
-                                  cwd=ROOT, timeout=120)
+            proc = subprocess.run([*normcli_executable(), command, str(cases[name])], capture_output=True,
+                                  text=True, cwd=ROOT, timeout=120)
             signal = -proc.returncode if proc.returncode < 0 else 0
             problem = _check(name, command, signal, proc.returncode if proc.returncode >= 0 else None, proc.stderr)
             if problem:
                 problems.append(problem)
-    # swap and fuse-export: forked per case from a driver that has torch loaded
+    # every case and command: forked per run from a driver that has torch loaded
     out_dir = tmp_path / "outputs"
     out_dir.mkdir()
     jobs, labels = [], []
     for name, path in cases.items():
+        jobs.append(["inspect", str(path)])
+        jobs.append(["scan", str(path)])
+        labels += [("inspect", name), ("scan", name)]
         jobs.append(["swap", str(path), "--to", "frn", "--arch", ARCH, "-o", str(out_dir / "o.pt")])
         jobs.append(["fuse-export", str(path), "--arch", ARCH, "--input-shape", "1,3,32,32", "-o",
                      str(out_dir / "o.onnx")])
