@@ -8,7 +8,6 @@ kept, so that a file that is not a checkpoint gets its own ``unreadable`` row. N
 from __future__ import annotations
 
 import glob
-import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -30,36 +29,20 @@ class Target:
 
 # ------------------------------------------------------------------ directories that are ONE checkpoint
 #
-# The hook for multi-file checkpoints. A directory for which checkpoint_directory() returns a kind is one
-# entry (one row, one verdict, one inspect report): its files are never listed on their own. The readers for
-# these directories (inspect of a sharded index and of a torch.distributed.checkpoint directory) live with
-# the reader; here only the recognition. Add a kind here and in normcli.trust.checkpoint_members together.
-
-def sharded_index(directory: Path) -> Path | None:
-    """The ``*.index.json`` (with a ``weight_map``) that makes ``directory`` one sharded checkpoint."""
-    for candidate in sorted(directory.glob("*.index.json")):
-        try:
-            if candidate.stat().st_size > 64 * 1024 * 1024:
-                continue
-            data = json.loads(candidate.read_bytes())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("weight_map"), dict):
-            return candidate
-    return None
-
+# A directory for which checkpoint_directory() returns a kind is one entry (one row, one verdict, one inspect
+# report): its files are never listed on their own. The recognition is the multi-file reader's own
+# (normcli.sharded.checkpoint_kind), so that what discover lists as one checkpoint is exactly what the reader
+# opens as one; normcli.trust.checkpoint_members lists the files a verdict on it walks.
 
 def checkpoint_directory(directory: Path) -> str | None:
-    """``"dcp"`` for a torch.distributed.checkpoint directory (``.metadata`` + ``*.distcp``), ``"sharded"``
-    for a directory holding a sharded checkpoint's index, else None."""
+    """``"dcp"`` for a torch.distributed.checkpoint directory (a ``.metadata`` pickle of DCP's records),
+    ``"sharded"`` for a directory holding a sharded checkpoint's index, else None."""
+    from normcli.sharded import checkpoint_kind
+
     try:
-        if (directory / ".metadata").is_file() and any(directory.glob("*.distcp")):
-            return "dcp"
-        if sharded_index(directory) is not None:
-            return "sharded"
+        return checkpoint_kind(directory) if directory.is_dir() else None
     except OSError:
         return None
-    return None
 
 
 # --------------------------------------------------------------------------------------- recognising files

@@ -15,7 +15,7 @@ from normcli.limits import DEFAULT_LIMITS, Limits
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
 
-FORMATS = ("torch-zip", "torch-legacy", "torchscript", "pt2", "safetensors", "onnx")
+FORMATS = ("torch-zip", "torch-legacy", "torchscript", "pt2", "safetensors", "onnx", "sharded", "dcp")
 
 
 def check_readable(path: str | os.PathLike) -> Path:
@@ -124,6 +124,8 @@ class CheckpointFile:
                                "by torch.save, TorchScript, torch.export, safetensors and ONNX")
         if _looks_like_onnx(head):
             return "onnx"
+        if head.lstrip()[:1] == b"{" and size <= self.limits.max_index_bytes and self.mm.find(b'"weight_map"') >= 0:
+            return "sharded"  # a JSON object naming a weight_map: a sharded checkpoint's index (normcli.sharded)
         if self.mm.rfind(b"PK\x05\x06", max(0, size - 0x10000 - 22)) >= 0:
             # a zip archive that does not start at offset 0: say why it is refused (prepended data)
             from normcli.ziparchive import ZipArchive
@@ -134,17 +136,24 @@ class CheckpointFile:
 
 
 def open_checkpoint(path: str | os.PathLike | CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> CheckpointFile:
-    """Open ``path`` once and recognise its format (an already opened CheckpointFile is returned as is)."""
-    if isinstance(path, CheckpointFile):
+    """Open ``path`` once and recognise its format (an already opened CheckpointFile is returned as is). A
+    directory that is one sharded or DCP checkpoint gives a :class:`normcli.sharded.CheckpointSet`."""
+    from normcli.sharded import CheckpointSet, open_directory
+
+    if isinstance(path, (CheckpointFile, CheckpointSet)):
         return path
+    if os.path.isdir(path):
+        return open_directory(path, limits)
     return CheckpointFile(path, limits)
 
 
 def detect_format(path: str | os.PathLike | CheckpointFile, limits: Limits = DEFAULT_LIMITS) -> str:
     """Return one of FORMATS for the file at ``path``, or raise NormcliError naming what it looks like."""
-    if isinstance(path, CheckpointFile):
+    from normcli.sharded import CheckpointSet
+
+    if isinstance(path, (CheckpointFile, CheckpointSet)):
         return path.format
-    with CheckpointFile(path, limits) as ck:
+    with open_checkpoint(path, limits) as ck:
         return ck.format
 
 

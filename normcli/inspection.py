@@ -19,6 +19,10 @@ SEVERITIES = ("error", "warning", "info")
 FINDING_SEVERITY = {
     "unsafe-globals": "error",
     "needs-classes": "info",
+    "shard-missing": "error",
+    "shard-stray": "error",
+    "shard-duplicate": "error",
+    "shard-mismatch": "error",
     "non-finite": "error",
     "negative-var": "error",
     "stale-stats": "error",

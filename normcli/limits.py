@@ -39,6 +39,16 @@ class Limits:
     # tensors
     tensor_dims: int = 64                   # dimensions of one tensor
     tensor_expand_bytes: int = 256 * 1024 * 1024  # bytes a tensor may span beyond its storage's (zero strides)
+    # Sharded checkpoints (normcli.sharded): the index JSON (size, values, nesting) and the shard files it may
+    # name. The largest real indexes (a 671B-parameter MoE: 163 shards, ~90k tensors, ~9 MB) stay far below.
+    max_index_bytes: int = 64 * 1024 * 1024
+    max_index_nodes: int = 1_000_000
+    max_index_depth: int = 64
+    max_shards: int = 4096
+    # torch.distributed.checkpoint directories (normcli.dcp): the .metadata pickle and the tensor chunks it
+    # describes (one per tensor per rank that holds a piece of it).
+    max_dcp_metadata_bytes: int = 256 * 1024 * 1024
+    max_dcp_chunks: int = 1_000_000
 
 
 DEFAULT_LIMITS = Limits()

@@ -39,6 +39,7 @@ class LoadedModel:
     example_inputs: tuple | None = None  # from a .pt2 archive, when present
     arch: str | None = None
     arch_kwargs: dict = field(default_factory=dict)
+    file_findings: list = field(default_factory=list)  # what the reader found about the file (shards)
 
 
 def build_arch(spec: str, kwargs: dict | None = None):
@@ -129,7 +130,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs:
         # the same classes as --arch's, so the versions are the arch model's own
         state_dict._metadata = getattr(model.state_dict(), "_metadata", None)
     load_strict(model, state_dict, str(path), arch, tf.stripped_prefixes)
-    return LoadedModel(model, tf.format, "state_dict", tf.state_dict_key, None, arch, dict(arch_kwargs or {}))
+    return LoadedModel(model, tf.format, "state_dict", tf.state_dict_key, None, arch, dict(arch_kwargs or {}),
+                       file_findings=list(tf.file_findings))
 
 
 # Stored swap options (a file written by `normcli swap`) are checked like the command line's: these are the
@@ -365,7 +367,8 @@ def module_tensor_file(loaded: LoadedModel) -> TensorFile:
         if isinstance(value, float):
             eps[name] = value
     return TensorFile(str(loaded.format), loaded.format, loaded.format, tensors, module_types=types,
-                      module_eps=eps, state_dict_key=loaded.state_dict_key)
+                      module_eps=eps, state_dict_key=loaded.state_dict_key,
+                      file_findings=list(loaded.file_findings))
 
 
 def _at_key(root, key: str | None):

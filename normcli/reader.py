@@ -72,6 +72,10 @@ def read_tensors(path: str | os.PathLike | CheckpointFile, key: str | None = Non
     """
     limits = limits or DEFAULT_LIMITS
     ck = open_checkpoint(path, limits)
+    if ck.format in ("sharded", "dcp"):  # a sharded index or a DCP directory: several files, one checkpoint
+        from normcli.sharded import read_checkpoint
+
+        return read_checkpoint(ck, key=key, limits=limits)
     p = ck
     fmt = ck.format
     try:

@@ -20,17 +20,16 @@ name, bytes read (memory-mapped) only when a caller asks for them. No torch is n
 
 from __future__ import annotations
 
-import array
 import collections
 import io
 import pickle
-import pickletools
 from typing import Any, Callable
 
 import numpy as np
 
 from normcli.errors import NormcliError
 from normcli.limits import DEFAULT_LIMITS, LimitExceeded, Limits
+from normcli.pickle_walk import FORBIDDEN_OPCODES, PickleRefused, PickleWalk, walk_pickle  # noqa: F401
 
 # torch storage class name -> (numpy dtype, element size). bfloat16 is read as uint16 and widened on load.
 STORAGE_DTYPES: dict[str, tuple[str, int]] = {
@@ -60,8 +59,6 @@ TORCH_DTYPE_STORAGE = {
 MAX_TENSOR_INT = 2 ** 48
 
 
-class PickleRefused(NormcliError):
-    """A pickle that torch never writes: the message says what was found; the reader adds the file name."""
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -450,267 +447,7 @@ SAFE_GLOBALS: dict[tuple[str, str], _Safe] = {key: _Safe(fn, ".".join(key)) for 
 
 
 # ----------------------------------------------------------------------------------------- the opcode walk
-
-# Opcodes no torch format needs: the extension registry (EXT*: copyreg lookups by number), out-of-band
-# buffers (protocol 5), text persistent ids (torch writes BINPERSID), and protocol-0/1 instantiation.
-FORBIDDEN_OPCODES = {
-    "EXT1": "extension-registry", "EXT2": "extension-registry", "EXT4": "extension-registry",
-    "NEXT_BUFFER": "out-of-band buffer", "READONLY_BUFFER": "out-of-band buffer",
-    "PERSID": "text persistent id", "INST": "INST instantiation", "OBJ": "OBJ instantiation",
-}
-_MODIFIERS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
-_GETS = {"GET", "BINGET", "LONG_BINGET"}
-_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_ARITY = {}
-for _op in pickletools.opcodes:
-    _before = [s.name for s in _op.stack_before]
-    _ARITY[_op.name] = (sum(1 for s in _before if s not in ("mark", "stackslice")), "stackslice" in _before,
-                        len(_op.stack_after))
-# What one new object costs against the budget, in references (a container is ~8 pointers of memory).
-_OBJECT_COST = 8
-
-
-class PickleWalk:
-    """What one opcode walk found: the globals in order of first appearance, and the stream's span."""
-
-    __slots__ = ("globals", "start", "end", "persistent_ids")
-
-    def __init__(self, globals_: list[str], start: int, end: int, persistent_ids: int):
-        self.globals, self.start, self.end, self.persistent_ids = globals_, start, end, persistent_ids
-
-
-# How each opcode is handled by the walk: one table indexed by the opcode byte, built from pickletools'
-# descriptions (so argument sizes are the format's own). Categories:
-_GENERIC, _GET, _PUT, _MEMOIZE, _MARK, _POP_MARK, _DUP, _FRAME, _MODIFY, _STACK_GLOBAL, _STOP, _FORBIDDEN,     _GLOBAL, _PROTO = range(14)
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
-_TABLE: list = [None] * 256
-for _op in pickletools.opcodes:
-    _n_pop, _slice, _n_push = _ARITY[_op.name]
-    _cat = (_FORBIDDEN if _op.name in FORBIDDEN_OPCODES else _GET if _op.name in _GETS else
-            _PUT if _op.name in _PUTS else _MODIFY if _op.name in _MODIFIERS else
-            {"MEMOIZE": _MEMOIZE, "MARK": _MARK, "POP_MARK": _POP_MARK, "DUP": _DUP, "FRAME": _FRAME,
-             "STACK_GLOBAL": _STACK_GLOBAL, "STOP": _STOP, "GLOBAL": _GLOBAL, "PROTO": _PROTO}.get(_op.name,
-                                                                                                    _GENERIC))
-    _TABLE[ord(_op.code)] = (_op.name, _cat, _op.arg.n if _op.arg is not None else None, _n_pop, _slice, _n_push,
-                             _op.name in _STRING_OPS, _op.name in ("APPENDS", "SETITEMS", "ADDITEMS"),
-                             2 if _op.name == "SETITEM" else 1)
-_LENGTH_BYTES = {-2: 1, -3: 4, -4: 4, -5: 8}
-
-
-def _buffer(stream) -> tuple[Any, int, int]:
-    """(bytes-like view of the whole stream, position, length) without copying where the stream allows."""
-    pos = stream.tell()
-    if isinstance(stream, io.BytesIO):
-        buf = stream.getvalue()  # one copy of the pickle: bytes can be searched and sliced cheaply
-        return buf, pos, len(buf)
-    mm = getattr(stream, "mm", None)  # the reader's mmap-backed stream
-    if mm is not None:
-        return mm, pos, len(mm)
-    data = stream.read()
-    stream.seek(pos)
-    return data, 0, len(data)
-
-
-def walk_pickle(stream, limits: Limits = DEFAULT_LIMITS, size: int | None = None) -> PickleWalk:
-    """Check one pickle from ``stream``'s position to its STOP without building anything; leave the stream
-    at the STOP's end. Raises PickleRefused or LimitExceeded naming what was wrong.
-
-    The opcodes are decoded here (argument sizes from pickletools' descriptions), in one pass: every length
-    is checked against the stream's end before it is used, so nothing is read or allocated past the data.
-    """
-    buf, pos, end = _buffer(stream)
-    base_offset = stream.tell() - pos  # 0 except for streams read into a copy
-    start = pos
-    return _walk(buf, pos, end, limits, stream, base_offset, start)
-
-
-def _walk(buf, pos: int, end: int, limits: Limits, stream, base_offset: int, start: int) -> PickleWalk:
-    # compact arrays: the walk's own memory stays a few bytes per object the pickle would build
-    depth = array.array("l")      # node -> nesting depth
-    strings: dict[int, str] = {}  # node -> value, for short strings (what STACK_GLOBAL may take)
-    stack = array.array("l")
-    marks: list[int] = []
-    memo = array.array("l")       # memo index -> node (indices are dense: a write past the end is refused)
-    found: dict[str, None] = {}
-    cost = 0
-    pids = 0
-    max_depth = limits.pickle_depth
-    budget_base, per_byte = limits.pickle_items_base, limits.pickle_items_per_byte
-    table = _TABLE
-    from_bytes = int.from_bytes
-
-    def too_deep():
-        return LimitExceeded("the pickle nests containers deeper than allowed", "pickle_depth", max_depth)
-
-    def malformed(why: str):
-        return PickleRefused(f"the pickle is malformed ({why} at byte {pos - start})")
-
-    while True:
-        if pos >= end:
-            raise PickleRefused("the pickle ends before its STOP opcode; the file is truncated")
-        entry = table[buf[pos]]
-        if entry is None:
-            raise malformed(f"unknown opcode {buf[pos]:#04x}")
-        name, cat, argn, n_pop, slice_, n_push, is_string, pops_mark, n_modify = entry
-        pos += 1
-        # ---- the argument
-        arg = None
-        if argn is not None:
-            if argn >= 0:
-                if pos + argn > end:
-                    raise malformed(f"{name} argument past the end")
-                if cat in (_GET, _PUT, _PROTO, _FRAME):
-                    arg = from_bytes(buf[pos:pos + argn], "little")
-                pos += argn
-            elif argn == -1:
-                eol = _find_newline(buf, pos, end)
-                if eol < 0:
-                    raise malformed(f"{name} line without an end")
-                if cat == _GLOBAL:
-                    eol2 = _find_newline(buf, eol + 1, end)
-                    if eol2 < 0:
-                        raise malformed("GLOBAL without its second line")
-                    arg = (bytes(buf[pos:eol]).decode("utf-8", "replace") + "."
-                           + bytes(buf[eol + 1:eol2]).decode("utf-8", "replace"))
-                    eol = eol2
-                elif cat in (_GET, _PUT):
-                    try:
-                        arg = int(bytes(buf[pos:eol]))
-                    except ValueError:
-                        raise malformed(f"{name} index is not a number") from None
-                elif is_string and eol - pos <= 256:
-                    arg = bytes(buf[pos:eol]).decode("raw-unicode-escape", "replace")
-                pos = eol + 1
-            else:
-                width = _LENGTH_BYTES[argn]
-                if pos + width > end:
-                    raise malformed(f"{name} length past the end")
-                length = from_bytes(buf[pos:pos + width], "little", signed=argn == -3)
-                pos += width
-                if length < 0 or pos + length > end:
-                    raise malformed(f"{name} of {length} bytes past the end")
-                if is_string and length <= 256:
-                    arg = bytes(buf[pos:pos + length]).decode("utf-8", "replace")
-                pos += length
-        # ---- what it does to the stack
-        fence = marks[-1] if marks else 0
-        if cat == _GENERIC:
-            if n_pop > len(stack) - fence:
-                raise malformed(f"{name} takes more than the stack holds")
-            if n_pop:
-                items = stack[len(stack) - n_pop:]
-                del stack[len(stack) - n_pop:]
-            else:
-                items = ()
-            if slice_:
-                if not marks:
-                    raise malformed(f"{name} without a mark")
-                items = stack[marks[-1]:] + array.array("l", items)
-                del stack[marks.pop():]
-            if name == "BINPERSID":
-                pids += 1
-            d = max([depth[i] for i in items], default=0) + 1
-            if d > max_depth:
-                raise too_deep()
-            for _ in range(n_push):
-                depth.append(d)
-                node = len(depth) - 1
-                if arg is not None and is_string:
-                    strings[node] = arg
-                stack.append(node)
-            cost += len(items) + 8 * n_push
-        elif cat == _GET:
-            if not 0 <= arg < len(memo):
-                raise PickleRefused(f"the pickle reads memo entry {arg} before writing it; it is crafted or "
-                                    "corrupt")
-            stack.append(memo[arg])
-            cost += 1
-        elif cat == _PUT or cat == _MEMOIZE:
-            if len(stack) <= fence:
-                raise malformed("a memo write with nothing to write")
-            index = len(memo) if cat == _MEMOIZE else arg
-            if index > len(memo) or index < 0:
-                raise PickleRefused(f"the pickle writes memo entry {index} after only {len(memo)} entries; "
-                                    "it is crafted or corrupt")
-            if index == len(memo):
-                memo.append(stack[-1])
-            else:
-                memo[index] = stack[-1]
-            cost += 1
-        elif cat == _MARK:
-            if len(marks) >= max_depth:
-                raise LimitExceeded("the pickle nests marks deeper than allowed", "pickle_depth", max_depth)
-            marks.append(len(stack))
-        elif cat == _POP_MARK:
-            if not marks:
-                raise malformed("POP_MARK without a mark")
-            del stack[marks.pop():]
-        elif cat == _DUP:
-            if len(stack) <= fence:
-                raise malformed("DUP of nothing")
-            stack.append(stack[-1])
-            cost += 1
-        elif cat == _MODIFY:
-            if pops_mark:
-                if not marks:
-                    raise malformed(f"{name} without a mark")
-                items = stack[marks[-1]:]
-                del stack[marks.pop():]
-            else:
-                if n_modify > len(stack) - fence:
-                    raise malformed(f"{name} takes more than the stack holds")
-                items = stack[len(stack) - n_modify:]
-                del stack[len(stack) - n_modify:]
-            if not stack or (marks and len(stack) <= marks[-1]):
-                raise malformed(f"{name} has no object to add to")
-            target = stack[-1]
-            if items:
-                deepest = max(depth[i] for i in items) + 1
-                if deepest > depth[target]:
-                    if deepest > max_depth:
-                        raise too_deep()
-                    depth[target] = deepest
-            cost += len(items)
-        elif cat == _STACK_GLOBAL:
-            if len(stack) - fence < 2:
-                raise malformed("STACK_GLOBAL takes more than the stack holds")
-            module, qual = stack[-2], stack[-1]
-            del stack[-2:]
-            if module not in strings or qual not in strings:
-                raise PickleRefused("the pickle names a global through something other than two strings; "
-                                    "it is crafted")
-            found.setdefault(f"{strings[module]}.{strings[qual]}")
-            depth.append(1)
-            stack.append(len(depth) - 1)
-            cost += 8
-        elif cat == _GLOBAL:
-            found.setdefault(arg)
-            depth.append(1)
-            stack.append(len(depth) - 1)
-            cost += 8
-        elif cat == _FRAME:
-            if arg > end - pos:
-                raise PickleRefused(f"the pickle declares a frame of {arg} bytes past its end; it is corrupt")
-        elif cat == _PROTO:
-            if arg > 5:
-                raise PickleRefused(f"the pickle claims protocol {arg}; it is corrupt")
-        elif cat == _STOP:
-            if len(stack) <= fence:
-                raise malformed("STOP with an empty stack")
-            break
-        else:  # _FORBIDDEN
-            raise PickleRefused(f"the pickle uses {name} ({FORBIDDEN_OPCODES[name]}), which no torch file "
-                                "needs; the file is crafted")
-        if cost > budget_base + per_byte * (pos - start):
-            raise LimitExceeded(f"the pickle builds {cost} objects and references from {pos - start} bytes",
-                                "pickle_items_per_byte", per_byte)
-    stream.seek(base_offset + pos)
-    return PickleWalk(list(found), base_offset + start, base_offset + pos, pids)
-
-
-def _find_newline(buf, pos: int, end: int) -> int:
-    return buf.find(b"\n", pos, end)
-
+# normcli.pickle_walk: one checked walk shared with the trust verdict (depth, memo, budget, opcodes, globals)
 
 # ------------------------------------------------------------------------------------------- the unpickler
 

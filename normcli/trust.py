@@ -2,8 +2,9 @@
 
 Every pickle a checkpoint carries (``data.pkl``, TorchScript's ``constants.pkl`` and ``code/`` debug pickles,
 a ``.pt2``'s pickled sample inputs and constants, a torch.distributed.checkpoint ``.metadata``, the pickles of
-a legacy file) is walked opcode by opcode with a symbolic stack: nothing is built, nothing is imported, and
-the walk is linear in the stream. Each global is classified from an ALLOW-list, never a block-list:
+a legacy file) is walked opcode by opcode with a symbolic stack by :mod:`normcli.pickle_walk`, the same
+checked walk the reader runs before it unpickles (depth, memo, object budget, opcodes; its limits named when
+hit): nothing is built, nothing is imported, and the walk is linear in the stream. Each global is classified from an ALLOW-list, never a block-list:
 
 ``tensor``  torch's own rebuild functions, storage and tensor types, dtypes, layouts, ``torch.Size``,
             ``torch.device``, plain containers (``collections.OrderedDict``, ``builtins.set`` ...), and the
@@ -33,6 +34,7 @@ library.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -172,11 +174,14 @@ def classify(name: str, uses: frozenset[str] | set[str] = frozenset()) -> Global
     if loaded != name and loaded not in TENSOR_GLOBALS:
         g = classify(loaded, uses)
         return Global(name, g.kind, f"loads as {loaded}: {g.reason}")
-    if name in TENSOR_GLOBALS:
+    if name in TENSOR_GLOBALS and "build-global" not in uses:
+        # (torch never sets state on a function or class object itself: that rewrites it for the whole process)
         return Global(name, "tensor", "torch tensor data or a plain container")
     module, _, last = name.rpartition(".")
     if not module or not last:
         return Global(name, "code", "not a module-level name: loading resolves it at run time")
+    if "build-global" in uses:
+        return Global(name, "code", "state is set on the global itself")
     if _in_code_module(module):
         return Global(name, "code", f"module {module} can run code")
     if name.startswith("torch.") and name.rsplit(".", 1)[0] == "torch":
@@ -220,224 +225,39 @@ class PickleProblem(Exception):
     """A pickle stream that a real unpickler would stop on."""
 
 
-class _G:
-    """A global on the symbolic stack."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-
-class _S:
-    """A string constant on the symbolic stack (STACK_GLOBAL takes module and name from these)."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str):
-        self.text = text
-
-
-class _R:
-    """What a call or instantiation returns; ``origin`` is the global that was called, if any."""
-
-    __slots__ = ("origin",)
-
-    def __init__(self, origin: str | None):
-        self.origin = origin
-
-
-_OTHER = object()
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
-               "BINUNICODE8"}
-# opcodes that modify the object below their arguments and leave it on the stack
-_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"}
+# The walk is normcli.pickle_walk's, the same checked walk the reader runs before unpickling (depth, memo,
+# object budget, opcodes), here with the uses of every global recorded. Its limits are the file's: the ones
+# given to assess_path / the opened file (``--limit``), else the defaults.
 DYNAMIC = "<computed global>"
+_limits: list = [None]
 
 
-# Opcodes walked per file (all its pickles together). A ResNet-152 full pickle has about 100k and a state dict
-# about 20 per tensor; the walk costs 1-2 us per opcode, so this keeps any file to a few seconds.
-MAX_OPCODES = 2_000_000
-_EFFECTS: dict[str, tuple[bool, int, int]] = {}
-# What is left of the budget of the file being judged (reset by assess_path; one file at a time per process).
-_file_budget = [MAX_OPCODES]
-_SPECIAL = {"STOP", "PROTO", "FRAME", "MARK", "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ",
-            "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET",
-            "BINGET", "LONG_BINGET", "DUP", "POP", "POP_MARK", "APPEND", "APPENDS", "SETITEM", "SETITEMS",
-            "ADDITEMS", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
-            "BINUNICODE8"}
+def _current_limits():
+    from normcli.limits import DEFAULT_LIMITS
+
+    return _limits[0] or DEFAULT_LIMITS
 
 
-def _effect(op) -> tuple[bool, int, int]:
-    """(pops to a mark, items popped besides, items pushed) of a pickletools opcode."""
-    eff = _EFFECTS.get(op.name)
-    if eff is None:
-        names = [x.name for x in op.stack_before]
-        has_mark = "mark" in names
-        npop = len([n for n in names if n not in ("mark", "stackslice")])
-        eff = _EFFECTS[op.name] = (has_mark, npop, len(op.stack_after))
-    return eff
-
-
-def walk_pickle(stream, uses: dict[str, set[str]], budget: list[int] | None = None) -> None:
+def walk_pickle(stream, uses: dict[str, set[str]], limits=None) -> None:
     """Walk one pickle from ``stream``'s position to its STOP, adding each global and its uses to ``uses``.
 
-    Raises PickleProblem for a stream a real unpickler would stop on; what was named before that point is
-    already in ``uses``.
+    Raises PickleProblem (with the walk's message, which names the limit a stream hit) for a stream the
+    reader refuses or a real unpickler would stop on; what was named before that point is already in ``uses``.
     """
-    import pickletools
-
-    stack: list = []
-    marks: list[int] = []
-    memo: dict = {}
-    if budget is None:
-        budget = _file_budget
-
-    def note(name: str, use: str) -> None:
-        uses.setdefault(name, set()).add(use)
-
-    def pop():
-        if len(stack) <= (marks[-1] if marks else 0):
-            raise PickleProblem("pickle stack underflow")
-        return stack.pop()
-
-    def pop_mark() -> list:
-        if not marks:
-            raise PickleProblem("pickle opcode needs a MARK that is not there")
-        at = marks.pop()
-        items = stack[at:]
-        del stack[at:]
-        return items
-
-    def call(target, use: str) -> _R:
-        if isinstance(target, _G):
-            note(target.name, use)
-            return _R(target.name)
-        if isinstance(target, _R):
-            note(target.origin or DYNAMIC, "called-result")
-            return _R(target.origin)
-        note(DYNAMIC, "dynamic")  # calling something that is neither a global nor built from one
-        return _R(None)
+    from normcli.errors import NormcliError
+    from normcli.pickle_walk import walk_pickle as checked_walk
 
     try:
-        for op, arg, _pos in pickletools.genops(stream):
-            budget[0] -= 1
-            if budget[0] < 0:
-                raise PickleProblem(f"more than {MAX_OPCODES} pickle opcodes in one file, far more than any "
-                                    "real checkpoint holds")
-            name = op.name
-            if name not in _SPECIAL:  # most opcodes: pop what they consume, push plain values
-                has_mark, npop, npush = _effect(op)
-                if has_mark:
-                    pop_mark()
-                for _ in range(npop):
-                    pop()
-                for _ in range(npush):
-                    stack.append(_OTHER)
-                continue
-            if name == "STOP":
-                return
-            if name in ("PROTO", "FRAME"):
-                continue
-            if name == "MARK":
-                marks.append(len(stack))
-            elif name in _STRING_OPS:
-                stack.append(_S(arg if isinstance(arg, str) else str(arg)))
-            elif name == "GLOBAL":
-                g = str(arg).replace(" ", ".", 1)
-                note(g, "value")
-                stack.append(_G(g))
-            elif name == "STACK_GLOBAL":
-                qual, module = pop(), pop()
-                if isinstance(qual, _S) and isinstance(module, _S):
-                    g = f"{module.text}.{qual.text}"
-                    note(g, "value")
-                else:
-                    g = DYNAMIC
-                    note(g, "dynamic")
-                stack.append(_G(g))
-            elif name == "INST":
-                pop_mark()
-                stack.append(call(_G(str(arg).replace(" ", ".", 1)), "inst"))
-            elif name == "OBJ":
-                items = pop_mark()
-                if not items:
-                    raise PickleProblem("OBJ without a class")
-                stack.append(call(items[0], "inst"))
-            elif name == "REDUCE":
-                pop()
-                stack.append(call(pop(), "reduce"))
-            elif name == "NEWOBJ":
-                pop()
-                stack.append(call(pop(), "newobj"))
-            elif name == "NEWOBJ_EX":
-                pop()
-                pop()
-                stack.append(call(pop(), "newobj"))
-            elif name == "BUILD":
-                pop()
-                target = pop()
-                if isinstance(target, _G):
-                    note(target.name, "build-global")
-                elif isinstance(target, _R) and target.origin:
-                    note(target.origin, "build")
-                stack.append(target)
-            elif name in ("EXT1", "EXT2", "EXT4"):
-                g = f"copyreg.extension_registry[{arg}]"
-                note(g, "dynamic")
-                stack.append(_G(g))
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if not stack:
-                    raise PickleProblem("memo write with an empty stack")
-                memo[arg] = stack[-1]
-            elif name == "MEMOIZE":
-                if not stack:
-                    raise PickleProblem("memo write with an empty stack")
-                memo[len(memo)] = stack[-1]
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                if arg not in memo:
-                    raise PickleProblem(f"memo index {arg} read before it was written")
-                stack.append(memo[arg])
-            elif name == "DUP":
-                if not stack:
-                    raise PickleProblem("DUP with an empty stack")
-                stack.append(stack[-1])
-            elif name == "POP":
-                if marks and len(stack) == marks[-1]:
-                    marks.pop()  # as pickle does: POP with nothing above the mark discards the mark
-                else:
-                    pop()
-            elif name == "POP_MARK":
-                pop_mark()
-            elif name in _IN_PLACE:
-                if any(x.name == "mark" for x in op.stack_before):
-                    pop_mark()
-                else:
-                    pop()
-                    if name == "SETITEM":
-                        pop()
-                if not stack:
-                    raise PickleProblem(f"{name} with nothing to modify")
-            else:  # everything else: pop what the opcode consumes, push plain values
-                has_mark, npop, npush = _effect(op)
-                if has_mark:
-                    pop_mark()
-                for _ in range(npop):
-                    pop()
-                for _ in range(npush):
-                    stack.append(_OTHER)
-    except PickleProblem:
-        raise
-    except Exception as e:  # pickletools' complaints: truncated data, unknown opcode, bad argument
-        raise PickleProblem(f"damaged pickle ({e})") from None
-    raise PickleProblem("pickle ends without a STOP opcode")
+        checked_walk(stream, limits or _current_limits(), uses=uses)
+    except NormcliError as e:  # PickleRefused, LimitExceeded
+        raise PickleProblem(" ".join(str(e).split())) from None
 
 
-def pickle_uses(data: bytes) -> tuple[dict[str, set[str]], str | None]:
+def pickle_uses(data: bytes, limits=None) -> tuple[dict[str, set[str]], str | None]:
     """Globals named by the one pickle in ``data`` with their uses, and the problem that stopped it, if any."""
     uses: dict[str, set[str]] = {}
     try:
-        walk_pickle(io.BytesIO(data), uses, [MAX_OPCODES])
+        walk_pickle(io.BytesIO(data), uses, limits)
     except PickleProblem as e:
         return uses, str(e)
     return uses, None
@@ -491,10 +311,12 @@ def sniff(head: bytes) -> str | None:
 
 def assess_opened(ck) -> ScanResult:
     """The verdict on a :class:`normcli.formats.CheckpointFile` that is already open (inspect's), read through
-    its map and checked archive: the file is not opened a second time."""
-    _file_budget[0] = MAX_OPCODES
+    its map and checked archive: the file is not opened a second time. The walk's limits are the file's."""
+    _limits[0] = getattr(ck, "limits", None)
     uses: dict[str, set[str]] = {}
     fmt = ck.format
+    if fmt in ("sharded", "dcp"):  # several files, one checkpoint: the worst of its files' verdicts
+        return _assess_directory(Path(ck.path), fmt)
     try:
         if ck.archive is not None:
             _walk_zip(ck.archive, uses, depth=0)
@@ -513,13 +335,18 @@ def assess_opened(ck) -> ScanResult:
     return ScanResult(str(ck), fmt, trust.verdict, trust.globals, None)
 
 
-def assess_path(path: str | Path) -> ScanResult:
-    """The verdict on the file at ``path`` from its pickles' opcodes alone (no tensor is built)."""
+def assess_path(path: str | Path, _member: bool = False, limits=None) -> ScanResult:
+    """The verdict on the file at ``path`` from its pickles' opcodes alone (no tensor is built). A directory
+    or index file that is one multi-file checkpoint gets the worst verdict of its files (``_member``: ``path``
+    is one of those files, which may not be such a checkpoint again)."""
     p = Path(path)
-    _file_budget[0] = MAX_OPCODES
+    if limits is not None:
+        _limits[0] = limits
     fmt = None
     try:
         if p.is_dir():
+            if _member:
+                raise Unreadable("a shard that is a directory")
             return _assess_directory(p)
         with open(p, "rb") as f:
             head = f.read(64)
@@ -534,15 +361,20 @@ def assess_path(path: str | Path) -> ScanResult:
                 finally:
                     fmt = found[0] if found else None
             elif fmt in ("torch-legacy", "pickle"):
-                _walk_pickle_sequence(f, uses, fmt)
+                with _mapped(f) as stream:  # walked over a map of the file: nothing is read into memory
+                    _walk_pickle_sequence(stream, uses, fmt)
             elif fmt == "safetensors":
                 _check_safetensors(f, p.stat().st_size)
+            elif fmt is None and _is_sharded_index(p):
+                if _member:
+                    raise Unreadable("a shard that is itself a sharded index")
+                return _assess_directory(p, "sharded")
             elif fmt is None:
                 # torch.load unpickles any non-zip file (its legacy path reads a pickle first), so a
                 # protocol 0/1 pickle without a signature is judged too
-                f.seek(0)
                 try:
-                    walk_pickle(f, uses)
+                    with _mapped(f) as stream:
+                        walk_pickle(stream, uses)
                 except PickleProblem:
                     if not uses:
                         raise Unreadable("not a checkpoint (no torch, safetensors, ONNX or pickle "
@@ -559,6 +391,25 @@ def assess_path(path: str | Path) -> ScanResult:
         return ScanResult(str(path), fmt, "unreadable", [], f"cannot read the file ({e.strerror or e})")
     trust = trust_from_uses(uses)
     return ScanResult(str(path), fmt, trust.verdict, trust.globals, None)
+
+
+def _is_sharded_index(p: Path) -> bool:
+    from normcli.sharded import checkpoint_kind
+
+    return checkpoint_kind(p) == "sharded"
+
+
+@contextlib.contextmanager
+def _mapped(f):
+    """A read-only stream over a map of the open file ``f``, from its start."""
+    import mmap
+
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        stream = _MapReader(mm, 0)
+        try:
+            yield stream
+        finally:
+            stream.mv.release()
 
 
 class _Problem(Exception):
@@ -674,23 +525,28 @@ def _script_refs(code: bytes, uses: dict[str, set[str]]) -> None:
             uses.setdefault(f"torch.ops.{m.group(1).decode()}.{m.group(2).decode()}", set()).add("reduce")
 
 
-def _assess_directory(p: Path) -> ScanResult:
-    """A directory that is one checkpoint (see normcli.discover.checkpoint_directory): the worst verdict of
-    the files it is made of."""
+def _assess_directory(p: Path, kind: str | None = None) -> ScanResult:
+    """A checkpoint made of several files (a directory that is one checkpoint, or a sharded index file; see
+    normcli.sharded.checkpoint_kind): the worst verdict of the files it is made of."""
     from normcli.discover import checkpoint_directory
 
-    kind = checkpoint_directory(p)
+    kind = kind or checkpoint_directory(p)
     if kind is None:
         return ScanResult(str(p), None, "unreadable", [], "a directory, not a checkpoint")
-    members = checkpoint_members(p, kind)
+    try:
+        members = checkpoint_members(p, kind)
+    except Unreadable as e:
+        return ScanResult(str(p), kind, "unreadable", [], str(e))
     merged: dict[str, Global] = {}
     worst, reasons = "safe", []
     order = {v: i for i, v in enumerate(("safe", "needs-classes", "unreadable", "unsafe"))}
     for member in members:
+        if not member.exists():
+            continue  # a missing shard holds nothing to judge (the reader reports it: shard-missing)
         if member.suffix == ".distcp":
             r = _distcp_result(member)
         else:
-            r = assess_path(member)
+            r = assess_path(member, _member=True)
         for g in r.globals:
             if g.name not in merged or g.kind == "code":
                 merged[g.name] = g
@@ -717,22 +573,26 @@ def _distcp_result(member: Path) -> ScanResult:
 
 
 def checkpoint_members(p: Path, kind: str) -> list[Path]:
-    """The files whose pickles make up a checkpoint directory (the JSON index itself holds no pickle)."""
+    """The files whose pickles make up a multi-file checkpoint (``p`` a directory, or a sharded index file;
+    the JSON index itself holds no pickle). An index the shards reader would refuse is :class:`Unreadable`."""
     if kind == "dcp":
         # the .metadata pickle; the .distcp files hold torch.save'd zips for non-tensor values
         return [p / ".metadata", *sorted(p.glob("*.distcp"))]
     if kind == "sharded":
-        from normcli.discover import sharded_index
+        from normcli.errors import NormcliError
+        from normcli.limits import DEFAULT_LIMITS
+        from normcli.sharded import find_index, index_shards, read_index
 
-        index = sharded_index(p)
+        index = p if p.is_file() else find_index(p)
+        if index is None:
+            raise Unreadable("no sharded index in the directory")
         try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {}) if index else {}
-        except (OSError, ValueError, AttributeError):
-            weight_map = {}
-        shards = sorted({v for v in weight_map.values() if isinstance(v, str)}) if isinstance(weight_map, dict) \
-            else []
-        # a shard name that leaves the directory is the shards reader's finding, never a file to open here
-        return [p / s for s in shards if "/" not in s and "\\" not in s and s not in ("..", ".")]
+            # checked as the shards reader checks it (a name that leaves the directory is refused), and
+            # every shard the index names, a repeated tensor's other copies included
+            _, _, _, names = index_shards(read_index(index, DEFAULT_LIMITS), index, DEFAULT_LIMITS)
+            return [index.parent / n for n in names]
+        except NormcliError as e:
+            raise Unreadable(" ".join(str(e).split())) from None
     return []
 
 

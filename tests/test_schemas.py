@@ -44,6 +44,28 @@ def test_real_inspect_output_validates_and_a_drifted_one_does_not(run_normcli, s
         validate("inspect", broken)
 
 
+def test_inspect_always_gives_the_verdict_and_file_findings(run_normcli, samples):
+    """trust and file_findings are in every inspect report (one file, and each file of several): the schema
+    requires them, so a report without them is refused."""
+    done = run_normcli("inspect", samples / "resnet_tiny.pt", "--json")
+    report = json.loads(done.stdout)
+    assert report["trust"]["verdict"] == "safe" and report["file_findings"] == []
+    for key in ("trust", "file_findings", "notes", "state_dict_key"):
+        broken = json.loads(done.stdout)
+        del broken[key]
+        with pytest.raises(ValueError, match=key):
+            validate("inspect", broken)
+    many = run_normcli("inspect", samples / "resnet_tiny.pt", samples / "resnet_tiny_full.pt", "--json", "--jobs", "1")
+    doc = json.loads(many.stdout)
+    validate("inspect", doc)
+    assert all("trust" in f and "file_findings" in f for f in doc["files"])
+    assert doc["summary"]["verdicts"] == {"safe": 1, "needs-classes": 1, "unsafe": 0}
+    broken = json.loads(many.stdout)
+    del broken["files"][1]["trust"]
+    with pytest.raises(ValueError):
+        validate("inspect", broken)
+
+
 def test_the_cli_refuses_to_print_json_that_breaks_its_schema(cli, samples, monkeypatch):
     """NORMCLI_VALIDATE_JSON (set for the whole suite) makes a drifted report an error instead of output."""
     import normcli.cli.inspect as inspect_cli

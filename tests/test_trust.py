@@ -185,23 +185,22 @@ def test_inspect_of_a_plain_state_dict_is_safe_with_no_file_findings(cli, sample
     assert all(g["kind"] == "tensor" for g in report["trust"]["globals"])
 
 
-def test_the_opcode_budget_is_per_file_and_named(tmp_path, monkeypatch):
-    import normcli.trust as trust
+def test_the_walk_limits_are_named_and_raised_with_limit(tmp_path, run_normcli):
+    """scan walks with the reader's own checked walk: a pickle over a limit is unreadable with the limit's
+    name, and --limit NAME=VALUE raises it."""
+    import json
 
-    monkeypatch.setattr(trust, "MAX_OPCODES", 1000)
-    small = tmp_path / "small.pkl"
-    small.write_bytes(b"\x80\x02" + b")0" * 400 + b"N.")        # 802 opcodes: within the budget
-    assert assess_path(small).verdict == "safe"
-    big = tmp_path / "big.pkl"
-    big.write_bytes(b"\x80\x02" + b")0" * 600 + b"N.")          # 1202 opcodes
-    r = assess_path(big)
-    assert r.verdict == "unreadable" and "1000 pickle opcodes" in r.reason
-    # the budget is for the whole file: pickles of 403 opcodes each, back to back as torch.load reads them
-    seq = tmp_path / "seq.pt"
-    seq.write_bytes((b"\x80\x02" + b")0" * 200 + b"N.") * 2)
-    assert assess_path(seq).verdict == "safe"
-    seq.write_bytes((b"\x80\x02" + b")0" * 200 + b"N.") * 3)
-    assert assess_path(seq).verdict == "unreadable"
+    deep = tmp_path / "deep.pkl"
+    deep.write_bytes(b"\x80\x02" + b"(" * 600 + b"N" + b"t" * 600 + b".")   # 600 nested tuples
+    rows = json.loads(run_normcli("scan", deep, "--json").stdout)
+    assert rows[0]["verdict"] == "unreadable" and "pickle_depth=500" in rows[0]["reason"]
+    proc = run_normcli("scan", deep, "--json", "--limit", "pickle_depth=1000")
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["verdict"] == "safe", proc.stdout
+    wide = tmp_path / "wide.pkl"
+    wide.write_bytes(b"\x80\x02](" + b"}" * 50_000 + b"e.")                # 50k dicts from 50k bytes
+    proc = run_normcli("scan", wide, "--json", "--limit", "pickle_items_base=1000")
+    assert "pickle_items_per_byte" in json.loads(proc.stdout)[0]["reason"] and proc.returncode == 2
+    assert json.loads(run_normcli("scan", wide, "--json").stdout)[0]["verdict"] == "safe"
 
 
 def test_pop_of_a_bare_mark_is_followed_as_pickle_does():
@@ -209,3 +208,18 @@ def test_pop_of_a_bare_mark_is_followed_as_pickle_does():
     uses, problem = pickle_uses(b"\x80\x02(0cos\nsystem\n(Vx\ntR.")
     assert problem is None and uses["os.system"] >= {"reduce"}
     assert trust_from_uses(uses).verdict == "unsafe"
+
+
+def test_state_set_on_an_allowed_global_itself_is_code(run_normcli, tmp_path):
+    """BUILD on torch's own rebuild function sets attributes on it for the whole process: never a tensor."""
+    import json
+
+    from tests import pickle_payloads as pp
+    from tests.conftest import SAMPLES
+
+    path = pp.zip_with_pickle(SAMPLES / "resnet_tiny.pt", tmp_path / "build-global.pt",
+                              pp.build_on_global("torch._utils", "_rebuild_tensor_v2"))
+    proc = run_normcli("scan", path, "--json")
+    row = json.loads(proc.stdout)[0]
+    assert proc.returncode == 1 and row["verdict"] == "unsafe", row
+    assert {"name": "torch._utils._rebuild_tensor_v2", "kind": "code"} in row["globals"]

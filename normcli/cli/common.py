@@ -154,10 +154,16 @@ def parse_fail_on(value: str) -> str:
 
 
 def check_inputs_first(*paths) -> None:
-    """Refuse a missing or unreadable input before anything looks at the output path."""
+    """Refuse a missing or unreadable input before anything looks at the output path. A directory that is
+    one checkpoint (sharded or torch.distributed.checkpoint) is an input like a file."""
+    import os
+
     from normcli.formats import check_readable
+    from normcli.sharded import checkpoint_kind
 
     for path in paths:
+        if os.path.isdir(path) and checkpoint_kind(path) is not None:
+            continue
         check_readable(path)
 
 

@@ -66,10 +66,10 @@ def inspect(
                            "recognised by content); give a checkpoint file or another directory"
                            if len(paths) == 1 and os.path.isdir(paths[0])
                            else f"no checkpoint found in {', '.join(paths)}")
-    if len(paths) > 1 or len(targets) > 1 or targets[0].path != paths[0]:
+    if len(paths) > 1 or len(targets) > 1 or os.path.normpath(targets[0].path) != os.path.normpath(paths[0]):
         if layer:
             raise NormcliError("--layer shows one file's channels; give a single file with it")
-        job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load)
+        job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load, parse_limits(limit))
         return _inspect_many(targets, job, json_out, fail_on, jobs, reporter)
     path = paths[0]
     with reporter:
@@ -102,6 +102,7 @@ class _Job:
     key: Optional[str]
     thresholds: object
     unsafe_load: bool
+    limits: object = None
 
     def __call__(self, path: str) -> dict:
         from normcli.errors import NormcliError
@@ -109,7 +110,8 @@ class _Job:
 
         try:
             report = inspect_file(path, arch=self.arch, arch_kwargs=parse_arch_kwargs(self.arch_kwargs),
-                                  key=self.key, thresholds=self.thresholds, unsafe_load=self.unsafe_load)
+                                  key=self.key, thresholds=self.thresholds, unsafe_load=self.unsafe_load,
+                                  limits=self.limits)
         except NormcliError as e:
             return {"path": path, "error": " ".join(str(e).split())}
         except Exception as e:  # one bad file must not hide the others' results

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import DebugOption, out_console
+from normcli.cli.common import DebugOption, LimitOption, out_console
 from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 FORMATS = ("table", "json", "sarif")
@@ -33,6 +33,7 @@ def scan(
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on needs-classes too, not only unsafe."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
                                        help="Worker processes (default: the number of cores)."),
+    limit: Optional[List[str]] = LimitOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
     debug: bool = DebugOption,
@@ -48,6 +49,9 @@ def scan(
         if json_out and fmt != "json":
             raise NormcliError(f"--json and --format {fmt} contradict each other; give one")
     fmt = fmt or ("json" if json_out else "table")
+    from normcli.limits import parse_limits
+
+    limits = parse_limits(limit)
     reporter = Reporter("scan", quiet, verbose, announce=False)
     targets = discover(paths, include_pickles=True)
     if not targets:
@@ -57,7 +61,7 @@ def scan(
                            else f"no checkpoint found in {', '.join(paths)}")
     with reporter:
         reporter.stage(f"judging {len(targets)} file(s)")
-        results = run_all(_assess, [t.path for t in targets], jobs, _crashed)
+        results = run_all(_Assess(limits), [t.path for t in targets], jobs, _crashed)
     if fmt == "json":
         from normcli.cli.common import print_json
 
@@ -75,10 +79,16 @@ def scan(
     return exit_code(results, strict)
 
 
-def _assess(path: str):
-    from normcli.trust import assess_path
+class _Assess:
+    """The verdict on one path under the given limits (picklable: it crosses to worker processes)."""
 
-    return assess_path(path)
+    def __init__(self, limits):
+        self.limits = limits
+
+    def __call__(self, path: str):
+        from normcli.trust import assess_path
+
+        return assess_path(path, limits=self.limits)
 
 
 def _crashed(path: str, message: str):
