@@ -89,7 +89,8 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
             batch = torch.export.Dim(BATCH_DIM_NAME)
             kwargs["dynamic_shapes"] = tuple({0: batch} for _ in example_inputs)
     else:
-        kwargs.update(dynamo=False, do_constant_folding=True)
+        # PRESERVE: the model is in eval mode already (checked above), and a torch.export module refuses train()
+        kwargs.update(dynamo=False, do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
         if dynamic_batch:
             kwargs["dynamic_axes"] = {name: {0: BATCH_DIM_NAME} for name in [*input_names, *output_names]}
 

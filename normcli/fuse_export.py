@@ -114,14 +114,17 @@ def fuse_export(model, output: str | os.PathLike, *,
     export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
         if dynamic_batch else example
     with torch.no_grad():
-        try:
-            reference_outputs = reference_model(*_widened(example, widen))
-        except Exception as e:
-            raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
-                               f"{describe(e)}; pass --input-shape") from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
-        references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
-        references += [torch.utils._pytree.tree_flatten(reference_model(*_widened(s, widen)))[0] for s in inputs[1:]]
+        references = []
+        for sample in inputs:
+            try:
+                outputs = reference_model(*_widened(sample, widen))
+            except Exception as e:
+                raise NormcliError(f"the model does not run on inputs of shapes {_shapes(sample)} ({source}): "
+                                   f"{describe(e)}; pass --input-shape") from None
+            if not references:
+                reference_outputs = outputs
+            references.append(torch.utils._pytree.tree_flatten(outputs)[0])
 
     step("folding weight normalization and BatchNorm")
     from normcli.weight_norm import fold_weight_norm

@@ -152,7 +152,8 @@ def render(report) -> None:
     shapes = " ".join(",".join(map(str, s)) for s in report.input_shapes)
     console.print(f"input shape {shapes} ({report.input_source})"
                   + (", batch dimension symbolic" if report.dynamic_batch else ""), soft_wrap=True)
-    method = {"fx": "torch.fx dataflow", "export": "torch.export graph"}.get(report.fold_method, report.fold_method)
+    method = {"fx": "torch.fx dataflow", "export": "torch.export graph",
+              "torchscript": "the torch.export graph of the TorchScript"}.get(report.fold_method, report.fold_method)
     console.print(f"folded {len(report.folded)} norm(s) by {method}, {len(report.unfolded)} left in place",
                   soft_wrap=True)
     if report.fold_note:
