@@ -827,10 +827,14 @@ def _report_uncalled_export(model: nn.Module, seen: set, report: FoldReport) -> 
 
 
 def _export(model: nn.Module, example_inputs: tuple):
-    """torch.export with a symbolic batch dimension where the model allows it, else static shapes."""
+    """torch.export with symbolic dimensions where the model allows them, else static shapes.
+
+    Every dimension may stay symbolic (Dim.AUTO specialises the ones the model fixes), so the folded module
+    runs at the other batch sizes and spatial sizes the original runs at.
+    """
     from torch.export import Dim
 
-    dynamic = tuple({0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+    dynamic = tuple({d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
                     for t in example_inputs)
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=dynamic)

@@ -63,6 +63,10 @@ class FuseExportReport:
     save_fused_format: str | None = None
     warnings: list[str] = field(default_factory=list)
     reference: str = "the original model"  # what parity and the fold check compare against, and why
+    input_shape_guessed: bool = False  # the shapes were inferred from the model (infer_input_shape)
+    dynamic_dims: list[list[int]] = field(default_factory=list)  # per ONNX input, its symbolic dimensions
+    input_shape_fixed: str | None = None  # for a guessed shape the ONNX fixes: why, and what to do
+    checked_shapes: list[list[list[int]]] = field(default_factory=list)  # each input configuration parity ran
 
     @property
     def passed(self) -> bool:
@@ -109,6 +113,7 @@ def fuse_export(model, output: str | os.PathLike, *,
     widen = reference_model is not model
     inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
                                     dynamic_batch, dtype)
+    guessed = not input_tensors and not input_shapes and not example_inputs
     example = inputs[0]
     # with a symbolic batch, export at a batch of 2 or more: torch.export specialises a batch of 1
     export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
@@ -125,6 +130,24 @@ def fuse_export(model, output: str | os.PathLike, *,
             if not references:
                 reference_outputs = outputs
             references.append(torch.utils._pytree.tree_flatten(outputs)[0])
+        # a guessed shape must not become part of the artifact: where the model also runs at another spatial
+        # size, those dims stay symbolic in the ONNX and parity checks that size too
+        dynamic_dims, fixed = None, None
+        if guessed and example[0].dim() > 2:
+            from normcli.inputs import make_inputs
+
+            other = [(*s.shape[:2], *(d + d // 2 for d in s.shape[2:])) for s in example]
+            second = make_inputs(other, 1, seed=seed + 2, dtype=dtype)[0]
+            try:
+                outputs = reference_model(*_widened(second, widen))
+            except Exception as e:
+                fixed = (f"the input shape {_shapes(example)} was guessed ({source}) and the model does not run "
+                         f"at {_shapes(second)} ({first_line(describe(e))}), so the ONNX accepts only the guessed "
+                         "shape; pass --input-shape with the shape the model is used at")
+            else:
+                inputs.append(second)
+                references.append(torch.utils._pytree.tree_flatten(outputs)[0])
+                dynamic_dims = [list(range(2, t.dim())) for t in example]
 
     step("folding weight normalization and BatchNorm")
     from normcli.weight_norm import fold_weight_norm
@@ -141,7 +164,15 @@ def fuse_export(model, output: str | os.PathLike, *,
         exported = export_onnx(folded, export_example, onnx_path, exporter=exporter, opset=opset,
                                dynamic_batch=dynamic_batch,
                                input_names=default_input_names(model, len(example)),
-                               output_names=default_output_names(reference_outputs))
+                               output_names=default_output_names(reference_outputs), dynamic_dims=dynamic_dims)
+        symbolic = [[i for i, d in enumerate(dims) if not isinstance(d, int)] for dims in exported.input_dims]
+        if dynamic_dims and any(not set(want) <= set(got) for want, got in zip(dynamic_dims, symbolic)):
+            # the exporter specialised the spatial dims: the ONNX runs only at the guessed shape
+            inputs, references = inputs[:-1], references[:-1]
+            fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes "
+                     f"but the {exported.exporter} exporter fixed the shape in the ONNX (input dims "
+                     f"{exported.input_dims}); pass --input-shape with the shape the model is used at, or try "
+                     f"--exporter {'torchscript' if exported.exporter == 'dynamo' else 'dynamo'}")
         step("checking parity in onnxruntime")
         try:
             parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
@@ -177,7 +208,16 @@ def fuse_export(model, output: str | os.PathLike, *,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
         warnings=list(dict.fromkeys(notes)), reference=reference_note,
+        input_shape_guessed=guessed, dynamic_dims=symbolic, input_shape_fixed=fixed,
+        checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
     )
+
+
+def _distinct_shapes(inputs: list[tuple]) -> list[tuple]:
+    seen = {}
+    for sample in inputs:
+        seen.setdefault(tuple(tuple(t.shape) for t in sample), sample)
+    return list(seen.values())
 
 
 def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: int, seed: int,

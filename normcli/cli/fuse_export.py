@@ -98,6 +98,8 @@ def fuse_export(
                               keep_on_fail=keep_on_fail, save_fused=save_fused, force=force, sources=(path,),
                               progress=step)
 
+    if report.input_shape_fixed:
+        err_console.print(f"warning: {report.input_shape_fixed}", soft_wrap=True, markup=False, highlight=False)
     if json_out:
         print_json(report_json(report), schema="fuse-export")
     else:
@@ -126,6 +128,8 @@ def report_json(report) -> dict:
         "fold_method": report.fold_method, "fold_note": report.fold_note, "fold_check": report.fold_check,
         "save_fused": report.save_fused, "save_fused_format": report.save_fused_format,
         "warnings": report.warnings, "reference": report.reference,
+        "input_shape_guessed": report.input_shape_guessed, "dynamic_dims": report.dynamic_dims,
+        "input_shape_fixed": report.input_shape_fixed, "checked_shapes": report.checked_shapes,
     })
 
 
@@ -150,8 +154,17 @@ def render(report) -> None:
 
     console = out_console
     shapes = " ".join(",".join(map(str, s)) for s in report.input_shapes)
-    console.print(f"input shape {shapes} ({report.input_source})"
+    console.print(f"input shape {shapes} ({'guessed: ' if report.input_shape_guessed else ''}{report.input_source})"
                   + (", batch dimension symbolic" if report.dynamic_batch else ""), soft_wrap=True)
+    if report.input_shape_guessed:
+        others = [" ".join(",".join(map(str, s)) for s in config) for config in report.checked_shapes]
+        if report.input_shape_fixed:
+            console.print(f"[yellow]the guessed shape is now fixed in the ONNX[/]: {escape(report.input_shape_fixed)}",
+                          soft_wrap=True)
+        else:
+            dims = "; ".join(f"input {i}: dims {', '.join(map(str, d))}" for i, d in enumerate(report.dynamic_dims))
+            console.print(f"the guessed shape is not fixed in the ONNX: symbolic {dims}; parity checked at "
+                          f"{' and '.join(others)}", soft_wrap=True)
     method = {"fx": "torch.fx dataflow", "export": "torch.export graph",
               "torchscript": "the torch.export graph of the TorchScript"}.get(report.fold_method, report.fold_method)
     console.print(f"folded {len(report.folded)} norm(s) by {method}, {len(report.unfolded)} left in place",
