@@ -8,7 +8,13 @@ on the same inputs (``normcli.parity``); write the ONNX file atomically, and onl
 Input shapes, when not given: the example inputs of a ``.pt2`` archive, else one sample shaped for the first
 conv or linear layer in the model's module order (batch 1): ``(1, in_channels, 64)`` for Conv1d,
 ``(1, in_channels, 64, 64)`` for Conv2d, ``(1, in_channels, 16, 16, 16)`` for Conv3d (transposed convs
-alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``).
+alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``). A guessed shape
+never silently becomes part of the ONNX: if the model also runs at spatial dims 1.5 times the guess, those
+dims are exported symbolic and parity runs at both sizes (``dynamic_dims``, ``checked_shapes``); if it does
+not (e.g. a Linear after a flatten), or the exporter fixes them anyway, ``input_shape_fixed`` says so.
+
+Models that are graphs already: a ``.pt2`` module is folded on its aten graph; TorchScript is converted to a
+torch.export graph and folded there (``normcli.fold``). Either way every norm is in ``folded`` or ``unfolded``.
 
 ``save_fused``: the folded model as a file that loads with plain torch and no normcli or model code: a
 torch.export archive (``torch.export.load``) when the path ends in ``.pt2``, else TorchScript

@@ -28,7 +28,8 @@ def fuse_export(
         None, "--input-shape", metavar="SHAPE",
         help="Comma-separated input shape, e.g. 1,3,224,224; repeat for several inputs. Default: a .pt2's "
              "example inputs, else (1, C, 64, 64) from the first conv (64 for 1d, 16^3 for 3d) or "
-             "(1, F) from the first linear."),
+             "(1, F) from the first linear; a guessed shape's spatial dims stay symbolic in the ONNX where the "
+             "model runs at another size (checked at both), else the report says the shape is now fixed."),
     input_file: Optional[List[str]] = typer.Option(
         None, "--input", metavar="FILE",
         help="Run parity on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
