@@ -161,6 +161,15 @@ def fuse_export(model, output: str | os.PathLike, *,
     plain, weight_norm_report = fold_weight_norm(model)  # a copy when it folds anything
     folded, fold_report = fold_module.fold_batchnorm(plain, inplace=plain is not model, example_inputs=example)
     _eval_mode(folded)
+    if dynamic_dims:
+        try:  # a fold on a torch.export graph keeps only the sizes that graph kept
+            with torch.no_grad():
+                folded(*inputs[-1])
+        except Exception as e:
+            inputs, references, dynamic_dims = inputs[:-1], references[:-1], None
+            fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes, "
+                     f"but its folded graph ({fold_report.method}) fixed the shape ({first_line(describe(e))}), so "
+                     "the ONNX accepts only the guessed shape; pass --input-shape with the shape the model is used at")
     step("checking the folded model in torch")
     fold_check = _fold_check(folded, inputs, references, atol, rtol)
 

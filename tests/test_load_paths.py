@@ -364,3 +364,33 @@ def test_every_cell_of_the_readme_formats_table(run_normcli, tmp_path, file, com
         if works:  # the message points to an option that, added to what was given, is in a working combination
             named = {o for o in ("--arch", "--unsafe-load") if o in lines[0]}
             assert any(set(w.split()) - {"(no", "option)"} <= set(combo.split()) | named for w in works), lines[0]
+
+
+class _SizeBranch(nn.Module):
+    """Runs at any size, but computes something else at 64x64: an exporter can only trace one branch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if x.shape[-1] == 64:
+            return y.mean(dim=(2, 3))
+        return y.amax(dim=(2, 3))
+
+
+@pytest.mark.slow
+def test_when_the_fold_graph_fixes_a_guessed_shape_the_report_says_so_and_parity_skips_the_other_size(tmp_path):
+    from normcli.fuse_export import fuse_export
+
+    model = _SizeBranch().eval()
+    report = fuse_export(model, tmp_path / "b.onnx", exporter="dynamo", samples=1)
+    assert report.input_shape_guessed and report.input_shapes == [[1, 3, 64, 64]]
+    assert report.dynamic_dims == [[]]  # torch.export specialised the size its branch depends on
+    assert "fixed the shape" in report.input_shape_fixed and "--input-shape" in report.input_shape_fixed
+    assert report.checked_shapes == [[[1, 3, 64, 64]]] and report.parity.passed
+    assert [d.dim_value for d in onnx.load(str(tmp_path / "b.onnx")).graph.input[0].type.tensor_type.shape.dim] \
+        == [1, 3, 64, 64]

@@ -162,8 +162,9 @@ def render(report) -> None:
         if report.input_shape_fixed:
             console.print(f"[yellow]the guessed shape is now fixed in the ONNX[/]: {escape(report.input_shape_fixed)}",
                           soft_wrap=True)
-        else:
-            dims = "; ".join(f"input {i}: dims {', '.join(map(str, d))}" for i, d in enumerate(report.dynamic_dims))
+        elif any(report.dynamic_dims):
+            dims = "; ".join(f"input {i}: dims {', '.join(map(str, d))}" for i, d in enumerate(report.dynamic_dims)
+                             if d)
             console.print(f"the guessed shape is not fixed in the ONNX: symbolic {dims}; parity checked at "
                           f"{' and '.join(others)}", soft_wrap=True)
     method = {"fx": "torch.fx dataflow", "export": "torch.export graph",
