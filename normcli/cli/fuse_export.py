@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, UnsafeLoadOption, cell,
-                                err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json)
+                                err_console, jsonable, out_console, parse_arch_kwargs, parse_shape, print_json,
+                                safe_text)
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
 # them without importing torch; a test checks they agree.
@@ -100,7 +101,8 @@ def fuse_export(
                               progress=step)
 
     if report.input_shape_fixed:
-        err_console.print(f"warning: {report.input_shape_fixed}", soft_wrap=True, markup=False, highlight=False)
+        err_console.print(f"warning: {safe_text(report.input_shape_fixed)}", soft_wrap=True, markup=False,
+                          highlight=False)
     if json_out:
         print_json(report_json(report), schema="fuse-export")
     else:
@@ -160,7 +162,7 @@ def render(report) -> None:
     if report.input_shape_guessed:
         others = [" ".join(",".join(map(str, s)) for s in config) for config in report.checked_shapes]
         if report.input_shape_fixed:
-            console.print(f"[yellow]the guessed shape is now fixed in the ONNX[/]: {escape(report.input_shape_fixed)}",
+            console.print(f"[yellow]the guessed shape is now fixed in the ONNX[/]: {cell(report.input_shape_fixed)}",
                           soft_wrap=True)
         elif any(report.dynamic_dims):
             dims = "; ".join(f"input {i}: dims {', '.join(map(str, d))}" for i, d in enumerate(report.dynamic_dims)
