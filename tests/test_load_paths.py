@@ -280,6 +280,7 @@ def test_a_model_that_runs_at_one_size_says_the_guessed_shape_is_now_fixed(run_n
     assert human.returncode == 0 and "now fixed in the ONNX" in human.stdout
 
 
+@pytest.mark.slow
 def test_a_guess_the_model_cannot_run_is_an_error_that_asks_for_the_shape(run_normcli, tmp_path):
     arch, weights, _ = _arch(tmp_path, "flat32")
     out = tmp_path / "flat.onnx"
