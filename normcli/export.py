@@ -48,17 +48,22 @@ class ExportResult:
     output_names: list[str]
     dynamic_batch: bool = False
     warnings: list[str] = field(default_factory=list)
+    input_dims: list[list] = field(default_factory=list)  # per ONNX input: ints, or names of symbolic dims
     log: str = ""  # what the exporter printed, kept off stdout
 
 
 def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, exporter: str = "dynamo",
                 opset: int | None = None, dynamic_batch: bool = False,
                 input_names: Sequence[str] | None = None,
-                output_names: Sequence[str] | None = None) -> ExportResult:
+                output_names: Sequence[str] | None = None,
+                dynamic_dims: Sequence[Sequence[int]] | None = None) -> ExportResult:
     """Export ``model`` (in eval mode) to the ONNX file ``path`` and check the result with ``onnx.checker``.
 
     example_inputs: the positional arguments of ``model``, as a tuple of tensors.
     dynamic_batch: make dimension 0 of every input and output symbolic (named ``batch``).
+    dynamic_dims: per input, more dimensions to keep symbolic (e.g. ``[[2, 3]]`` for an image's height and
+    width). The dynamo exporter keeps them where the model allows and fixes them where it specialises; which
+    came out symbolic is in ``ExportResult.input_dims``.
     input_names / output_names: default to the forward's parameter names and ``output`` / ``output_<i>``
     (or the keys of a dict output), the same for both exporters.
     """
@@ -82,16 +87,24 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
             output_names = default_output_names(model(*example_inputs))
     output_names = list(output_names)
 
+    extra = [sorted(int(d) for d in dims) for dims in (dynamic_dims or [])]
+    extra += [[] for _ in range(len(example_inputs) - len(extra))]
     kwargs: dict[str, Any] = dict(input_names=input_names, output_names=output_names, opset_version=opset)
     if exporter == "dynamo":
         kwargs.update(dynamo=True, external_data=False)
-        if dynamic_batch:
+        if dynamic_batch or any(extra):
             batch = torch.export.Dim(BATCH_DIM_NAME)
-            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in example_inputs)
+            kwargs["dynamic_shapes"] = tuple(
+                {**({0: batch} if dynamic_batch else {}), **{d: torch.export.Dim.AUTO for d in dims if d > 0}}
+                or None for dims in extra)
     else:
-        kwargs.update(dynamo=False, do_constant_folding=True)
-        if dynamic_batch:
-            kwargs["dynamic_axes"] = {name: {0: BATCH_DIM_NAME} for name in [*input_names, *output_names]}
+        # PRESERVE: the model is in eval mode already (checked above), and a torch.export module refuses train()
+        kwargs.update(dynamo=False, do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
+        axes = {name: {0: BATCH_DIM_NAME} for name in [*input_names, *output_names]} if dynamic_batch else {}
+        for name, dims in zip(input_names, extra):
+            axes.setdefault(name, {}).update({d: f"{name}_dim{d}" for d in dims if d > 0})
+        if any(axes.values()):
+            kwargs["dynamic_axes"] = {k: v for k, v in axes.items() if v}
 
     path = Path(path)
     with _stdout_captured() as log, warnings.catch_warnings(record=True) as caught, _quiet_torch_onnx_logs():
@@ -127,8 +140,20 @@ def export_onnx(model, example_inputs: tuple, path: str | os.PathLike, *, export
         nodes=count_nodes(proto), batchnorm_nodes=count_nodes(proto, op_type="BatchNormalization"),
         input_names=[i.name for i in proto.graph.input],
         output_names=[o.name for o in proto.graph.output],
-        dynamic_batch=dynamic_batch, warnings=notes, log=log.getvalue(),
+        dynamic_batch=dynamic_batch, warnings=notes, log=log.getvalue(), input_dims=onnx_input_dims(proto),
     )
+
+
+def onnx_input_dims(proto) -> list[list]:
+    """Each graph input's dimensions: an int where fixed, the symbol's name (or ``"?"``) where not."""
+    initializers = {i.name for i in proto.graph.initializer}
+    dims = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        shape = value.type.tensor_type.shape
+        dims.append([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim])
+    return dims
 
 
 def default_input_names(model, count: int) -> list[str]:

@@ -8,7 +8,13 @@ on the same inputs (``normcli.parity``); write the ONNX file atomically, and onl
 Input shapes, when not given: the example inputs of a ``.pt2`` archive, else one sample shaped for the first
 conv or linear layer in the model's module order (batch 1): ``(1, in_channels, 64)`` for Conv1d,
 ``(1, in_channels, 64, 64)`` for Conv2d, ``(1, in_channels, 16, 16, 16)`` for Conv3d (transposed convs
-alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``).
+alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``). A guessed shape
+never silently becomes part of the ONNX: if the model also runs at spatial dims 1.5 times the guess, those
+dims are exported symbolic and parity runs at both sizes (``dynamic_dims``, ``checked_shapes``); if it does
+not (e.g. a Linear after a flatten), or the exporter fixes them anyway, ``input_shape_fixed`` says so.
+
+Models that are graphs already: a ``.pt2`` module is folded on its aten graph; TorchScript is converted to a
+torch.export graph and folded there (``normcli.fold``). Either way every norm is in ``folded`` or ``unfolded``.
 
 ``save_fused``: the folded model as a file that loads with plain torch and no normcli or model code: a
 torch.export archive (``torch.export.load``) when the path ends in ``.pt2``, else TorchScript
@@ -68,6 +74,10 @@ class FuseExportReport:
     # {"norms": norm layers whose statistics or weights hold NaN/Inf, "first": the first module, in call order,
     #  whose output turned non-finite from finite inputs (None if unknown)}
     nonfinite: dict | None = None
+    input_shape_guessed: bool = False  # the shapes were inferred from the model (infer_input_shape)
+    dynamic_dims: list[list[int]] = field(default_factory=list)  # per ONNX input, its symbolic dimensions
+    input_shape_fixed: str | None = None  # for a guessed shape the ONNX fixes: why, and what to do
+    checked_shapes: list[list[list[int]]] = field(default_factory=list)  # each input configuration parity ran
 
     @property
     def passed(self) -> bool:
@@ -114,21 +124,43 @@ def fuse_export(model, output: str | os.PathLike, *,
     widen = reference_model is not model
     inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
                                     dynamic_batch, dtype)
+    guessed = not input_tensors and not input_shapes and not example_inputs
     example = inputs[0]
     # with a symbolic batch, export at a batch of 2 or more: torch.export specialises a batch of 1
     export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
         if dynamic_batch else example
     with torch.no_grad():
-        try:
-            reference_outputs = reference_model(*_widened(example, widen))
-        except Exception as e:
-            raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
-                               f"{describe(e)}; "
-                               f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
-                               ) from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
-        references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
-        references += [torch.utils._pytree.tree_flatten(reference_model(*_widened(s, widen)))[0] for s in inputs[1:]]
+        references = []
+        for sample in inputs:
+            try:
+                outputs = reference_model(*_widened(sample, widen))
+            except Exception as e:
+                raise NormcliError(f"the model does not run on inputs of shapes {_shapes(sample)} ({source}): "
+                                   f"{describe(e)}; "
+                                   f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
+                                   ) from None
+            if not references:
+                reference_outputs = outputs
+            references.append(torch.utils._pytree.tree_flatten(outputs)[0])
+        # a guessed shape must not become part of the artifact: where the model also runs at another spatial
+        # size, those dims stay symbolic in the ONNX and parity checks that size too
+        dynamic_dims, fixed = None, None
+        if guessed and example[0].dim() > 2:
+            from normcli.inputs import make_inputs
+
+            other = [(*s.shape[:2], *(d + d // 2 for d in s.shape[2:])) for s in example]
+            second = make_inputs(other, 1, seed=seed + 2, dtype=dtype)[0]
+            try:
+                outputs = reference_model(*_widened(second, widen))
+            except Exception as e:
+                fixed = (f"the input shape {_shapes(example)} was guessed ({source}) and the model does not run "
+                         f"at {_shapes(second)} ({first_line(describe(e))}), so the ONNX accepts only the guessed "
+                         "shape; pass --input-shape with the shape the model is used at")
+            else:
+                inputs.append(second)
+                references.append(torch.utils._pytree.tree_flatten(outputs)[0])
+                dynamic_dims = [list(range(2, t.dim())) for t in example]
     nonfinite = None
     if not all(_finite(t) for outs in references for t in outs):
         # parity against NaN proves nothing: find where they come from, for the report and the error
@@ -141,6 +173,15 @@ def fuse_export(model, output: str | os.PathLike, *,
     plain, weight_norm_report = fold_weight_norm(model)  # a copy when it folds anything
     folded, fold_report = fold_module.fold_batchnorm(plain, inplace=plain is not model, example_inputs=example)
     _eval_mode(folded)
+    if dynamic_dims:
+        try:  # a fold on a torch.export graph keeps only the sizes that graph kept
+            with torch.no_grad():
+                folded(*inputs[-1])
+        except Exception as e:
+            inputs, references, dynamic_dims = inputs[:-1], references[:-1], None
+            fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes, "
+                     f"but its folded graph ({fold_report.method}) fixed the shape ({first_line(describe(e))}), so "
+                     "the ONNX accepts only the guessed shape; pass --input-shape with the shape the model is used at")
     step("checking the folded model in torch")
     fold_check = _fold_check(folded, inputs, references, atol, rtol)
 
@@ -150,7 +191,15 @@ def fuse_export(model, output: str | os.PathLike, *,
         exported = export_onnx(folded, export_example, onnx_path, exporter=exporter, opset=opset,
                                dynamic_batch=dynamic_batch,
                                input_names=default_input_names(model, len(example)),
-                               output_names=default_output_names(reference_outputs))
+                               output_names=default_output_names(reference_outputs), dynamic_dims=dynamic_dims)
+        symbolic = [[i for i, d in enumerate(dims) if not isinstance(d, int)] for dims in exported.input_dims]
+        if dynamic_dims and any(not set(want) <= set(got) for want, got in zip(dynamic_dims, symbolic)):
+            # the exporter specialised the spatial dims: the ONNX runs only at the guessed shape
+            inputs, references = inputs[:-1], references[:-1]
+            fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes "
+                     f"but the {exported.exporter} exporter fixed the shape in the ONNX (input dims "
+                     f"{exported.input_dims}); pass --input-shape with the shape the model is used at, or try "
+                     f"--exporter {'torchscript' if exported.exporter == 'dynamo' else 'dynamo'}")
         step("checking parity in onnxruntime")
         try:
             parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
@@ -186,7 +235,16 @@ def fuse_export(model, output: str | os.PathLike, *,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
         warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite,
+        input_shape_guessed=guessed, dynamic_dims=symbolic, input_shape_fixed=fixed,
+        checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
     )
+
+
+def _distinct_shapes(inputs: list[tuple]) -> list[tuple]:
+    seen = {}
+    for sample in inputs:
+        seen.setdefault(tuple(tuple(t.shape) for t in sample), sample)
+    return list(seen.values())
 
 
 def _finite(value) -> bool:

@@ -97,11 +97,14 @@ def swap(
 
     # opened and recognised once; the loader reads through this descriptor
     limits = parse_limits(limit)
-    loaded = load_model(open_checkpoint(path, limits), arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load,
-                        key=key, limits=limits)
-    if isinstance(loaded.model, torch.jit.ScriptModule):
-        raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
-                           "--arch instead")
+    checkpoint = open_checkpoint(path, limits)
+    if arch is None and checkpoint.format in ("torchscript", "pt2"):
+        # a compiled graph has no norm modules to replace: its weights go into the user's model code instead
+        kind, extra = (("TorchScript archive, whose compiled modules", " --unsafe-load")
+                       if checkpoint.format == "torchscript" else ("torch.export archive, whose graph", ""))
+        raise NormcliError(f"{path} is a {kind} cannot be swapped; swap its weights in your model code "
+                           f"instead: pass --arch package.module:callable{extra} (the class that built it)")
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key, limits=limits)
     model = loaded.model.eval()
     tensors = [load_input_file(f) for f in input_file or []]
     if shapes:

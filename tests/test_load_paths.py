@@ -1,0 +1,397 @@
+"""Every load path of swap and fuse-export: each norm accounted for once, guessed shapes never silently baked
+into the ONNX, and the README's formats table run cell by cell through the installed ``normcli``."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from normcli.fold import fold_batchnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+ARCH = "samples.models:resnet_tiny"
+
+
+def resnet_norms() -> set[str]:
+    from samples.models import resnet_tiny
+
+    return {name for name, m in resnet_tiny().named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2: every norm accounted for on every load path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, options", [
+    ("resnet_tiny.pt", ["--arch", ARCH]),
+    ("resnet_tiny_full.pt", ["--unsafe-load"]),
+    ("resnet_tiny_script.pt", ["--unsafe-load"]),
+    ("resnet_tiny.pt2", ["--unsafe-load"]),
+], ids=["state-dict", "full-pickle", "torchscript", "pt2"])
+def test_fuse_export_folds_and_lists_every_norm_once_on_every_load_path(run_normcli, tmp_path, file, options):
+    out = tmp_path / "m.onnx"
+    result = run_normcli("fuse-export", SAMPLES / file, "-o", out, "--json", *options)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    names = [r["norm"] for r in report["folded"]] + [r["norm"] for r in report["unfolded"]]
+    assert sorted(names) == sorted(resnet_norms())  # each of the 11 BatchNorms exactly once
+    assert {r["norm"] for r in report["folded"]} == resnet_norms()  # every one sits after a conv: all fold
+    assert report["parity"]["passed"] and report["onnx"]["batchnorm_nodes"] == 0
+    assert out.is_file()
+    # the written ONNX agrees with the TorchScript/graph model the file carries, checked here independently
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = report["input_shapes"][0]
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape)).float()
+    if file.endswith(".pt2"):
+        model = torch.export.load(str(SAMPLES / file)).module()
+    elif "script" in file:
+        model = torch.jit.load(str(SAMPLES / file))
+    else:
+        from samples.models import resnet_tiny
+
+        model = resnet_tiny()
+        model.load_state_dict(torch.load(SAMPLES / "resnet_tiny.pt", weights_only=True))
+        model.eval()
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
+
+
+class Mixed(nn.Module):
+    """conv+BN (folds), a BN on the raw input (nothing in front, a padded conv behind), an unused BN."""
+
+    def __init__(self, group_norm: bool = False):
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4) if group_norm else nn.Identity()
+        self.unused = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.gn(torch.relu(self.bn(self.conv(self.bn_in(x)))))
+
+
+def _scripted_mixed(group_norm: bool = False) -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = Mixed(group_norm)
+    for bn in (model.bn_in, model.bn, model.unused):
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64).float())
+        bn.running_var.copy_((torch.rand(bn.num_features, generator=g, dtype=torch.float64) + 0.5).float())
+    return torch.jit.script(model.eval())
+
+
+def test_torchscript_fold_reports_each_norm_once_with_a_reason_for_those_left():
+    model = _scripted_mixed()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 8, 8))).float()
+    folded, report = fold_batchnorm(model, example_inputs=(x,))
+    assert report.method == "torchscript"
+    assert report.folded == [{"norm": "bn", "into": "conv"}]
+    unfolded = {r["norm"]: r["reason"] for r in report.unfolded}
+    assert sorted(unfolded) == ["bn_in", "unused"]
+    assert "not the output of a conv" in unfolded["bn_in"]
+    assert "never calls it" in unfolded["unused"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+        # the converted graph keeps batch and spatial sizes symbolic: the fold is valid at other sizes too
+        y = torch.randn(3, 3, 12, 10)
+        torch.testing.assert_close(folded(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+def test_torchscript_without_example_inputs_lists_every_norm_as_left_with_the_reason():
+    model = _scripted_mixed()
+    folded, report = fold_batchnorm(model)
+    assert isinstance(folded, torch.jit.ScriptModule) and report.folded == [] and report.method == "none"
+    assert sorted(r["norm"] for r in report.unfolded) == ["bn", "bn_in", "unused"]
+    assert all("example inputs" in r["reason"] for r in report.unfolded)
+
+
+def test_torchscript_that_torch_cannot_convert_keeps_every_norm_with_the_converters_reason():
+    model = _scripted_mixed(group_norm=True)  # scripted GroupNorm holds a loop the converter refuses
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 8, 8))).float()
+    folded, report = fold_batchnorm(model, example_inputs=(x,))
+    assert isinstance(folded, torch.jit.ScriptModule) and report.folded == [] and report.method == "none"
+    assert sorted(r["norm"] for r in report.unfolded) == ["bn", "bn_in", "gn", "unused"]
+    assert all("could not be converted to a torch.export graph" in r["reason"] for r in report.unfolded)
+
+
+def test_a_torch_export_module_is_folded_on_its_graph_and_every_norm_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.LayerNorm([4, 6, 6])).eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 6, 6))).float()
+    module = torch.export.export(model, (x,)).module()
+    for m in module.modules():  # a torch.export module refuses eval(); its graph was captured in eval already
+        m.training = False
+    folded, report = fold_batchnorm(module, example_inputs=(x,))
+    assert report.method == "export"
+    assert report.folded == [{"norm": "2", "into": "1"}]
+    assert sorted(r["norm"] for r in report.unfolded) == ["0", "4"]
+    assert not any(n.target == torch.ops.aten._native_batch_norm_legit_no_training.default
+                   for n in folded.graph.nodes if n.op == "call_function" and "2" in str(n.args[1:2]))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# swap on compiled graphs: one message naming what works, and that advice works
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, given", [
+    ("resnet_tiny.pt2", ["--unsafe-load"]), ("resnet_tiny.pt2", []),
+    ("resnet_tiny_script.pt", ["--unsafe-load"]), ("resnet_tiny_script.pt", []),
+    ("resnet_tiny_script.pt", ["--arch", ARCH]),
+])
+def test_swap_on_a_compiled_graph_names_options_that_then_work(run_normcli, tmp_path, file, given):
+    out = tmp_path / "s.pt"
+    first = run_normcli("swap", SAMPLES / file, "--to", "frn", "-o", out, *given)
+    assert first.returncode == 2 and not out.exists()
+    lines = error_lines(first.stderr)
+    assert len(lines) == 1 and "Traceback" not in first.stderr
+    advice = lines[0]
+    # follow the message: add every option it names that was not given yet
+    options = list(given)
+    if "--arch" in advice and "--arch" not in options:
+        options += ["--arch", ARCH]
+    if "--unsafe-load" in advice and "--unsafe-load" not in options:
+        options.append("--unsafe-load")
+    assert options != given, advice
+    second = run_normcli("swap", SAMPLES / file, "--to", "frn", "-o", out, *options)
+    if second.returncode == 2:  # at most one more step, and it must not point back to what was given
+        again = error_lines(second.stderr)[0]
+        assert "--arch" not in options or "--unsafe-load" in again
+        options.append("--unsafe-load")
+        second = run_normcli("swap", SAMPLES / file, "--to", "frn", "-o", out, *options)
+    assert second.returncode == 0, second.stderr
+    assert out.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 4: a guessed shape never silently becomes part of the artifact
+
+
+ARCH_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    def _calibrated(model):
+        g = torch.Generator().manual_seed(3)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64).float())
+                m.running_var.copy_((torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5).float())
+        return model
+
+
+    def pooled():
+        """A classifier trained at 32x32 that runs at any size (global pooling before the Linear)."""
+        torch.manual_seed(0)
+        return _calibrated(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+
+
+    def flat64():
+        """Runs at 64x64 only: a Linear after flatten."""
+        torch.manual_seed(0)
+        return _calibrated(nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(2 * 64 * 64, 5)))
+
+
+    def flat32():
+        """Runs at 32x32 only: the guessed 64x64 does not fit it."""
+        torch.manual_seed(0)
+        return _calibrated(nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(2 * 32 * 32, 5)))
+''')
+
+
+def _arch(tmp_path: Path, name: str) -> tuple[str, Path, nn.Module]:
+    import importlib.util
+
+    file = tmp_path / "guessmodels.py"
+    file.write_text(ARCH_FILE)
+    spec = importlib.util.spec_from_file_location("guessmodels", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = getattr(module, name)().eval()
+    weights = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), weights)
+    return f"{file}:{name}", weights, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_model_used_at_32x32_gets_an_onnx_that_accepts_32x32(run_normcli, tmp_path, exporter):
+    arch, weights, model = _arch(tmp_path, "pooled")
+    out = tmp_path / "pooled.onnx"
+    result = run_normcli("fuse-export", weights, "--arch", arch, "-o", out, "--exporter", exporter, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["input_shape_guessed"] is True and report["input_shapes"] == [[1, 3, 64, 64]]
+    assert report["input_shape_fixed"] is None
+    assert report["dynamic_dims"] == [[2, 3]]
+    assert len(report["checked_shapes"]) == 2 and [[1, 3, 64, 64]] in report["checked_shapes"]
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_value") for d in dims] == [True, True, False, False]
+    # the size the model is used at, which the guess did not know, in a real onnxruntime session
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model.double()(torch.from_numpy(x).double()).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_model_that_runs_at_one_size_says_the_guessed_shape_is_now_fixed(run_normcli, tmp_path):
+    arch, weights, _ = _arch(tmp_path, "flat64")
+    out = tmp_path / "flat.onnx"
+    result = run_normcli("fuse-export", weights, "--arch", arch, "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["input_shape_guessed"] is True and report["dynamic_dims"] == [[]]
+    assert "guessed" in report["input_shape_fixed"] and "--input-shape" in report["input_shape_fixed"]
+    assert report["checked_shapes"] == [[[1, 3, 64, 64]]]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "guessed" in warning[0] and "accepts only" in warning[0]
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 64, 64]
+    human = run_normcli("fuse-export", weights, "--arch", arch, "-o", tmp_path / "flat2.onnx")
+    assert human.returncode == 0 and "now fixed in the ONNX" in human.stdout
+
+
+@pytest.mark.slow
+def test_a_guess_the_model_cannot_run_is_an_error_that_asks_for_the_shape(run_normcli, tmp_path):
+    arch, weights, _ = _arch(tmp_path, "flat32")
+    out = tmp_path / "flat.onnx"
+    result = run_normcli("fuse-export", weights, "--arch", arch, "-o", out)
+    assert result.returncode == 2 and not out.exists()
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "1,3,64,64" in lines[0] and "--input-shape" in lines[0]
+    fixed = run_normcli("fuse-export", weights, "--arch", arch, "-o", out, "--input-shape", "1,3,32,32", "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["input_shape_guessed"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's formats table, run cell by cell
+
+
+FORMAT_FILES = {  # the README row (its first words) -> the sample file of that format
+    "`torch.save` state dict": "resnet_tiny.pt",
+    "nested training checkpoint": "resnet_tiny.ckpt",
+    "full pickled `nn.Module`": "resnet_tiny_full.pt",
+    "TorchScript archive": "resnet_tiny_script.pt",
+    "torch.export archive": "resnet_tiny.pt2",
+    "safetensors": "resnet_tiny.safetensors",
+    "ONNX model": "resnet_tiny.onnx",
+}
+COMBINATIONS = ("(no option)", "--arch", "--unsafe-load", "--arch --unsafe-load")
+
+
+def formats_table() -> list[dict[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Formats read", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in row.strip("|").split("|")))) for row in rows[2:]]
+
+
+def works_with(cell: str) -> set[str]:
+    """The option combinations a swap / fuse-export cell lists (each in backticks); "no" lists none."""
+    return {c.strip() for c in re.findall(r"`([^`]*)`", cell)}
+
+
+def _cells():
+    for row in formats_table():
+        fmt = next(f for key, f in FORMAT_FILES.items() if row["format"].startswith(key))
+        yield pytest.param(fmt, "inspect", row["inspect"], None, id=f"{fmt}-inspect")
+        for command in ("swap", "fuse-export"):
+            for combo in COMBINATIONS:
+                yield pytest.param(fmt, command, combo, works_with(row[command]), id=f"{fmt}-{command}-{combo}")
+
+
+def test_the_formats_table_names_every_sample_format_and_only_known_combinations():
+    rows = formats_table()
+    assert len(rows) == len(FORMAT_FILES)
+    for row in rows:
+        assert {"inspect", "swap", "fuse-export"} <= set(row), row
+        for command in ("swap", "fuse-export"):
+            assert works_with(row[command]) <= set(COMBINATIONS), row[command]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, command, combo, works", list(_cells()))
+def test_every_cell_of_the_readme_formats_table(run_normcli, tmp_path, file, command, combo, works):
+    if command == "inspect":
+        result = run_normcli("inspect", SAMPLES / file)
+        assert combo.startswith("yes")
+        assert result.returncode == 0, result.stderr
+        return
+    options = [] if combo == "(no option)" else combo.split()
+    if "--arch" in options:
+        options[options.index("--arch") + 1:options.index("--arch") + 1] = [ARCH]
+    out = tmp_path / ("out.pt" if command == "swap" else "out.onnx")
+    extra = ["--to", "frn"] if command == "swap" else ["--samples", "1"]
+    result = run_normcli(command, SAMPLES / file, *extra, "-o", out, *options)
+    if combo in works:
+        assert result.returncode == 0, result.stderr
+        assert out.is_file()
+    else:
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        lines = error_lines(result.stderr)
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+        assert not out.exists()
+        if works:  # the message points to an option that, added to what was given, is in a working combination
+            named = {o for o in ("--arch", "--unsafe-load") if o in lines[0]}
+            assert any(set(w.split()) - {"(no", "option)"} <= set(combo.split()) | named for w in works), lines[0]
+
+
+class _SizeBranch(nn.Module):
+    """Runs at any size, but computes something else at 64x64: an exporter can only trace one branch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if x.shape[-1] == 64:
+            return y.mean(dim=(2, 3))
+        return y.amax(dim=(2, 3))
+
+
+@pytest.mark.slow
+def test_when_the_fold_graph_fixes_a_guessed_shape_the_report_says_so_and_parity_skips_the_other_size(tmp_path):
+    from normcli.fuse_export import fuse_export
+
+    model = _SizeBranch().eval()
+    report = fuse_export(model, tmp_path / "b.onnx", exporter="dynamo", samples=1)
+    assert report.input_shape_guessed and report.input_shapes == [[1, 3, 64, 64]]
+    assert report.dynamic_dims == [[]]  # torch.export specialised the size its branch depends on
+    assert "fixed the shape" in report.input_shape_fixed and "--input-shape" in report.input_shape_fixed
+    assert report.checked_shapes == [[[1, 3, 64, 64]]] and report.parity.passed
+    assert [d.dim_value for d in onnx.load(str(tmp_path / "b.onnx")).graph.input[0].type.tensor_type.shape.dim] \
+        == [1, 3, 64, 64]
