@@ -163,16 +163,18 @@ def load_input_file(path: str | os.PathLike):
             raise NormcliError(f"{path} holds a {array.dtype} array; an input must be numeric")
         return torch.from_numpy(np.array(array, copy=True))
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        # read like a checkpoint (checked opcodes and storages), never by torch.load: an input file is as
+        # untrusted as a checkpoint
+        from normcli.loading import tensor_from_lazy
+        from normcli.reader import read_tensor
+
         try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise NormcliError(f"cannot read {path} as a tensor saved with torch.save "
-                               f"({first_line(e)}); save one tensor with torch.save(t, path)"
-                               ) from None
-        if not isinstance(value, torch.Tensor):
-            raise NormcliError(f"{path} holds a {type(value).__name__}, not a tensor; "
-                               "save one tensor with torch.save(t, path)")
-        return value
+            return tensor_from_lazy(read_tensor(path)).clone()
+        except NormcliError as e:
+            if "not a tensor" in str(e):
+                raise
+            raise NormcliError(f"cannot read {path} as a tensor saved with torch.save ({first_line(e)}); save one "
+                               "tensor with torch.save(t, path)") from None
     raise NormcliError(f"{path} is neither a .npy array nor a tensor saved with torch.save")
 
 

@@ -227,6 +227,26 @@ def test_load_input_file_reads_npy_and_torch_saves_whatever_the_extension(tmp_pa
         np.testing.assert_array_equal(loaded.numpy(), array)
 
 
+def test_load_input_file_never_runs_torch_load(tmp_path, monkeypatch):
+    """An input file is as untrusted as a checkpoint: it is read by the checked reader, never torch.load."""
+    g = torch.Generator().manual_seed(0)
+    tensor = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).float()[:, 1:]  # a view, strides kept
+    torch.save(tensor, tmp_path / "zip.pt")
+    torch.save(tensor, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+
+    def entered(*args, **kwargs):
+        raise AssertionError("torch.load was entered")
+
+    monkeypatch.setattr(torch, "load", entered)
+    monkeypatch.setattr(torch.serialization, "load", entered)
+    for name in ("zip.pt", "legacy.pt"):
+        loaded = load_input_file(tmp_path / name)
+        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
+    with pytest.raises(NormcliError, match="torch.nn.modules.linear.Linear.*which loading would run"):
+        load_input_file(tmp_path / "module.pt")
+
+
 class _Payload:
     def __reduce__(self):
         import os

@@ -67,6 +67,18 @@ def test_fuse_export_never_enters_torch_load(tmp_path):
 
 
 @pytest.mark.slow
+def test_swap_input_files_never_enter_torch_load(tmp_path):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64).float(), tmp_path / "x.pt")
+    proc, marker = run_guarded(tmp_path, "swap", SAMPLES / "resnet_tiny.pt", "--to", "frn", "-o",
+                               tmp_path / "out.pt", "--arch", ARCH, "--input", tmp_path / "x.pt")
+    assert not marker.exists(), proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
 def test_the_guard_sees_torch_load_under_unsafe_load(tmp_path):
     """The control: a full pickle without --arch is torch.load'ed under --unsafe-load, and the guard sees it."""
     proc, marker = run_guarded(tmp_path, "swap", SAMPLES / "resnet_tiny_full.pt", "--to", "frn", "-o",
