@@ -875,6 +875,48 @@ def fold_batchnorm(
         except Exception as exc:
             raise NormcliError(f"cannot copy the model to fold it ({exc}); pass inplace=True to fold the "
                                "model itself") from exc
+    # every norm layer is accounted for: those the fold does not handle are listed with the reason below
+    norms = _norm_layers(model)
+    folded, report = _fold_any(model, example_inputs)
+    _report_other_norms(norms, report)
+    return folded, report
+
+
+# norms that normalise each sample with that sample's own statistics: no fixed per-channel affine map to fold
+_PER_SAMPLE_NORMS = {"GroupNorm", "LayerNorm", "RMSNorm", "LocalResponseNorm", "FilterResponseNorm1d",
+                     "FilterResponseNorm2d", "FilterResponseNorm3d"}
+
+
+def _norm_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, class name) of every norm layer of ``model`` (a TorchScript module names the class it was
+    scripted from); a module unlifted from a torch.export archive holds none as modules."""
+    from normcli.inspection import NORM_CLASSES
+
+    if _is_aten_graph(model):
+        return []
+    out = []
+    for name, module in model.named_modules():
+        kind = getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+        kind = kind or type(module).__name__
+        if name and kind in NORM_CLASSES:
+            out.append((name, kind))
+    return out
+
+
+def _report_other_norms(norms: list[tuple[str, str]], report: FoldReport) -> None:
+    seen = {r["norm"] for r in report.folded + report.unfolded}
+    for name, kind in norms:
+        if name in seen:
+            continue
+        if kind in _PER_SAMPLE_NORMS:
+            reason = (f"{kind} normalises each sample with that sample's own statistics, so it is not a fixed "
+                      "per-channel affine map; left in place")
+        else:
+            reason = f"the fold does not handle {kind}; left in place"
+        report.unfolded.append({"norm": name, "reason": reason})
+
+
+def _fold_any(model: nn.Module, example_inputs: Optional[tuple]) -> tuple[nn.Module, FoldReport]:
     report = FoldReport()
     if isinstance(model, torch.jit.ScriptModule):
         return _fold_torchscript(model, example_inputs, report)

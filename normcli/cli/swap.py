@@ -84,13 +84,7 @@ def swap(
         check_probe_shape(list(shape))
     kwargs = parse_arch_kwargs(arch_kwargs)
 
-    import torch
-
-    from normcli.inputs import input_configurations
     from normcli.loading import load_model
-    from normcli.parity import load_input_file
-    from normcli.preflight import judge, model_findings
-    from normcli.swap import selection_reason, swap_norms
 
     from normcli.formats import open_checkpoint
     from normcli.limits import parse_limits
@@ -104,7 +98,16 @@ def swap(
                        if checkpoint.format == "torchscript" else ("torch.export archive, whose graph", ""))
         raise NormcliError(f"{path} is a {kind} cannot be swapped; swap its weights in your model code "
                            f"instead: pass --arch package.module:callable{extra} (the class that built it)")
+    # torch is imported only once the file is known to be loadable: a refused file says so without waiting for it
     loaded = load_model(checkpoint, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key, limits=limits)
+
+    import torch
+
+    from normcli.inputs import input_configurations
+    from normcli.parity import load_input_file
+    from normcli.preflight import judge, model_findings
+    from normcli.swap import selection_reason, swap_norms
+
     model = loaded.model.eval()
     tensors = [load_input_file(f) for f in input_file or []]
     if shapes:
