@@ -25,6 +25,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from normcli.errors import NormcliError, describe
 from normcli.fx_tools import drop_string_annotations
 from normcli.layers.mabn import CenConv2d
+from normcli.norm_act import IDENTITY_IN_EVAL, NormAct, norm_act_followers, norm_act_of, qualified_name
 
 __all__ = ["FoldReport", "fold_batchnorm", "is_foldable_norm"]
 
@@ -58,16 +59,37 @@ _FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _looks_frozen(module: nn.Module) -> bool:
+    """FrozenBatchNorm's four buffers and eps, and nothing inside: a module with children (timm's
+    FrozenBatchNormAct2d holds its activation) may apply them after the norm."""
     buffers = dict(module.named_buffers(recurse=False))
     return (all(name in buffers for name in _FROZEN_BUFFERS) and "num_batches_tracked" not in buffers
-            and hasattr(module, "eps"))
+            and hasattr(module, "eps") and next(module.children(), None) is None)
 
 
 def is_foldable_norm(module: nn.Module) -> bool:
     """True for the module kinds the fold knows: BatchNorm (incl. SyncBatchNorm), InstanceNorm, modules
-    with FrozenBatchNorm's buffers, and modules with a ``fold_scale_shift()`` method (e.g. MABN)."""
+    with FrozenBatchNorm's buffers, modules with a ``fold_scale_shift()`` method (e.g. MABN), and the known
+    norm+activation classes of ``normcli.norm_act`` whose norm part is one of these."""
+    spec = norm_act_of(module)
+    if spec is not None:
+        return spec.norm != "own" or callable(getattr(module, "fold_scale_shift", None))
     return (callable(getattr(module, "fold_scale_shift", None))
             or isinstance(module, (_BatchNorm, _InstanceNorm)) or _looks_frozen(module))
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def is_identity_in_eval(module: nn.Module) -> bool:
+    """An Identity or a dropout (of torch's exact classes, or timm's DropBlock/DropPath) without hooks."""
+    return (isinstance(module, nn.Module)
+            and (type(module) in _DROPOUTS or qualified_name(type(module)) in IDENTITY_IN_EVAL)
+            and _hook_problem(module) is None)
+
+
+def _eval_followers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The followers that still compute something in eval (dropout and identities dropped)."""
+    return [(attr, m) for attr, m in norm_act_followers(module) if not is_identity_in_eval(m)]
 
 
 def _standard_affine(mean, var, gamma, beta, eps: float, channels: int):
@@ -87,10 +109,35 @@ def _standard_affine(mean, var, gamma, beta, eps: float, channels: int):
 
 
 def _norm_affine(module: nn.Module):
-    """(scale, shift) in float64 with ``norm(x) = scale[c] * x + shift[c]`` in eval, or why there is none."""
+    """(scale, shift) in float64 with ``norm(x) = scale[c] * x + shift[c]`` in eval, or why there is none.
+
+    For a known norm+activation module, the map of its norm part (what follows stays in the graph).
+    """
     hooks = _hook_problem(module)
     if hooks:
         return hooks
+    spec = norm_act_of(module)
+    if spec is not None:
+        return _norm_act_affine(module, spec)
+    return _plain_norm_affine(module)
+
+
+def _norm_act_affine(module: nn.Module, spec: NormAct):
+    name = type(module).__name__
+    for attr, follower in norm_act_followers(module):
+        if not isinstance(follower, nn.Module):
+            return f"{name}.{attr} is a {type(follower).__name__}, not a module the folded graph can call"
+    if spec.norm == "own":
+        return _plain_norm_affine(module)
+    missing = [b for b in ("running_mean", "running_var", "eps") if getattr(module, b, None) is None]
+    if missing or (spec.norm == "batchnorm" and not getattr(module, "track_running_stats", True)):
+        return f"{name} keeps no running statistics: it normalises with each batch's own statistics, even in eval"
+    channels = module.running_mean.numel()
+    return _standard_affine(module.running_mean, module.running_var, getattr(module, "weight", None),
+                            getattr(module, "bias", None), float(module.eps), channels)
+
+
+def _plain_norm_affine(module: nn.Module):
     if callable(getattr(module, "fold_scale_shift", None)):
         for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if tensor.dtype not in (torch.int64,) and not tensor.is_floating_point():
@@ -298,6 +345,20 @@ def _shape(node: Any) -> Optional[tuple[int, ...]]:
     return None
 
 
+class _Functional:
+    """Stands for an ``F.batch_norm`` call where the rank checks take a norm module."""
+
+    def __repr__(self) -> str:
+        return "F.batch_norm"
+
+
+FUNCTIONAL = _Functional()
+
+
+def _norm_label(norm: Any) -> str:
+    return "F.batch_norm" if norm is FUNCTIONAL else type(norm).__name__
+
+
 def _norm_channel_dims(norm: nn.Module) -> Optional[dict[int, int]]:
     """For each input rank the norm accepts, the dim it normalises as channels; None when not known.
 
@@ -306,6 +367,11 @@ def _norm_channel_dims(norm: nn.Module) -> Optional[dict[int, int]]:
     """
     from normcli.layers.mabn import MABN2d
 
+    if norm is FUNCTIONAL:
+        return {rank: 1 for rank in range(2, 9)}  # F.batch_norm normalises dim 1 of any (N, C, ...) input
+    spec = norm_act_of(norm)
+    if spec is not None and spec.ranks is not None:
+        return {rank: 1 for rank in spec.ranks}
     known = ((nn.BatchNorm1d, {2: 1, 3: 1}), (nn.BatchNorm2d, {4: 1}), (nn.BatchNorm3d, {5: 1}),
              (nn.InstanceNorm1d, {2: 0, 3: 1}), (nn.InstanceNorm2d, {3: 0, 4: 1}),
              (nn.InstanceNorm3d, {4: 0, 5: 1}), (MABN2d, {4: 1}),
@@ -331,7 +397,7 @@ def _rank_problem(layer: _Layer, norm: nn.Module, where: str) -> Optional[str]:
     A conv takes a batched (N, C, ...) and an unbatched (C, ...) input; the fold is exact only if, at every
     rank the conv and the norm both accept, the norm's channel dim is the conv's.
     """
-    name = type(norm).__name__
+    name = _norm_label(norm)
     norm_dims = _norm_channel_dims(norm)
     if norm_dims is None:
         return (f"the rank of the tensor {where} is unknown and which dim {name} normalises depends on it; "
@@ -371,7 +437,7 @@ def _layout_problem(layer: _Layer, tensor_node: Any, norm: Optional[nn.Module], 
     norm_dims = _norm_channel_dims(norm) if norm is not None else None
     if shape is not None and norm_dims is not None and norm_dims.get(len(shape), 1) != 1:
         # e.g. InstanceNorm2d on a 3-D tensor: an unbatched input, channels at dim 0
-        return (f"on the {len(shape)}-D tensor {where} {type(norm).__name__} normalises dim "
+        return (f"on the {len(shape)}-D tensor {where} {_norm_label(norm)} normalises dim "
                 f"{norm_dims[len(shape)]}, not dim 1")
     if layer.kind == "linear":
         if shape is None:
@@ -470,14 +536,23 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
             problem = _layout_problem(layer, src, modules[node.target], scale.numel(), f"out of '{src.target}'")
         return problem, broadcast
 
+    def remove_norm_call(node: fx.Node, src: fx.Node) -> None:
+        """The norm's call gives way to its input; a norm+activation module's activation stays, on that input."""
+        out = src
+        if node.op == "call_module":
+            with gm.graph.inserting_before(node):
+                for attr, _ in _eval_followers(modules[node.target]):
+                    out = gm.graph.call_module(f"{node.target}.{attr}", (out,))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+
     def fold_into_producer(node: fx.Node, scale: torch.Tensor, shift: torch.Tensor, broadcast: bool) -> str:
         src = node.args[0]
         if broadcast:  # one channel: the same scale and shift for every output feature
             features = modules[src.target].out_features
             scale, shift = scale.expand(features), shift.expand(features)
         master(src.target).fold_output(scale, shift)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
+        remove_norm_call(node, src)
         return src.target
 
     sites: dict[str, list[fx.Node]] = {}
@@ -535,6 +610,10 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
                                                                 "straight into a conv or linear alone"})
             continue
         problem = layer_problem(target)
+        followers = _eval_followers(modules[name])
+        if problem is None and followers:
+            problem = (f"its {', '.join(f'{a} ({type(m).__name__})' for a, m in followers)} comes between its "
+                       "norm and the conv")
         if problem is None and layer.kind == "convT":
             problem = "a transposed conv spreads the norm's shift unevenly over its output"
         if problem is None and layer.kind == "conv":
@@ -548,10 +627,12 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
                                                             f"'{target}' is not exact: {problem}"})
             continue
         master(target).fold_input(scale, shift)
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
+        remove_norm_call(node, node.args[0])
         folded_targets.append(name)
         report.folded.append({"norm": name, "into": target})
+
+    # Pass 3: F.batch_norm calls on a module's stored statistics, after the layer that produces their input.
+    _fold_functional(gm, modules, uses, master, layer_problem, report)
 
     for name, m in masters.items():
         module = modules[name]
@@ -565,11 +646,139 @@ def _fold_fx(gm: fx.GraphModule, model: nn.Module, example_inputs: Optional[tupl
             module.weight = weight
             module.bias = bias
     for name in folded_targets:
-        gm.delete_submodule(name)
+        kept = _eval_followers(modules[name])
+        if kept:  # the norm is gone; what followed it inside the module stays, under the same names
+            holder = nn.Module()
+            for attr, follower in kept:
+                holder.add_module(attr, follower)
+            gm.add_submodule(name, holder)
+        else:
+            gm.delete_submodule(name)
     gm.graph.lint()
     gm.recompile()
     _report_uncalled(model, called, report)
     return gm
+
+
+def _batch_norm_arguments(node: fx.Node) -> Optional[dict[str, Any]]:
+    """The arguments of an ``F.batch_norm`` call node by name, or None for any other node."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    try:
+        bound = inspect.signature(F.batch_norm).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def functional_norm_sites(model: nn.Module) -> list[str]:
+    """Names of the modules whose stored running_mean an ``F.batch_norm`` call in ``model``'s forward reads
+    (by torch.fx dataflow; raises when the model does not trace)."""
+    graph = _trace(model).graph
+    names = []
+    for node in graph.nodes:
+        args = _batch_norm_arguments(node)
+        mean = args.get("running_mean") if args else None
+        if isinstance(mean, fx.Node) and mean.op == "get_attr":
+            names.append(mean.target.rpartition(".")[0])
+    return list(dict.fromkeys(names))
+
+
+def functional_norm_name(node: fx.Node, args: dict[str, Any]) -> str:
+    """An F.batch_norm call is named after the module holding its running_mean (the name inspect lists)."""
+    mean = args.get("running_mean")
+    if isinstance(mean, fx.Node) and mean.op == "get_attr" and "." in mean.target:
+        return mean.target.rsplit(".", 1)[0]
+    return f"F.batch_norm call {node.name}"
+
+
+def _functional_affine(gm: fx.GraphModule, node: fx.Node, args: dict[str, Any], reads: Counter,
+                       called: set):
+    """(scale, shift, tensor targets) of an eval F.batch_norm on stored tensors, or why it has none."""
+    training = args["training"]
+    if isinstance(training, fx.Node):
+        return "its training flag is computed in the graph, so it may use batch statistics"
+    if training:
+        return "it is called with training=True: it normalises with each batch's own statistics"
+    if isinstance(args["eps"], fx.Node) or not isinstance(args["eps"], (int, float)):
+        return "its eps is computed in the graph"
+    tensors: dict[str, Optional[torch.Tensor]] = {}
+    targets = []
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        arg = args[key]
+        if arg is None:
+            if key in ("running_mean", "running_var"):
+                return f"it is called without {key}: it normalises with each batch's own statistics"
+            tensors[key] = None
+            continue
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            return f"its {key} is computed in the graph, not a stored tensor"
+        owner = arg.target.rpartition(".")[0]
+        if owner in called:
+            return f"its {key} belongs to '{owner}', which forward also calls"
+        if reads[arg.target] > 1 or len(arg.users) > 1:
+            return f"its {key} ('{arg.target}') is read at more than one place"
+        value = _get_attr(gm, arg.target)
+        if not isinstance(value, torch.Tensor):
+            return f"its {key} ('{arg.target}') is not a tensor"
+        tensors[key] = value
+        targets.append(arg.target)
+    channels = tensors["running_mean"].numel()
+    affine = _standard_affine(tensors["running_mean"], tensors["running_var"], tensors["weight"], tensors["bias"],
+                              float(args["eps"]), channels)
+    if isinstance(affine, str):
+        return affine
+    return (*affine, targets)
+
+
+def _fold_functional(gm: fx.GraphModule, modules: dict, uses: Counter, master, layer_problem,
+                     report: FoldReport) -> None:
+    """Fold each eval ``F.batch_norm`` call whose statistics a module holds into the conv/linear before it."""
+    reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    dropped: list[str] = []
+    for node in list(gm.graph.nodes):
+        args = _batch_norm_arguments(node)
+        if args is None:
+            continue
+        name = functional_norm_name(node, args)
+        found = _functional_affine(gm, node, args, reads, called)
+        if isinstance(found, str):
+            report.unfolded.append({"norm": name, "reason": found})
+            continue
+        scale, shift, targets = found
+        src = args["input"]
+        producer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        layer = _layer_of_module(producer) if producer is not None else None
+        problem = None
+        if layer is None:
+            problem = "its input is not the output of a conv or linear"
+        if problem is None:
+            problem = layer_problem(src.target)
+        if problem is None and len(src.users) > 1:
+            problem = f"the output of '{src.target}' has {len(src.users)} consumers"
+        if problem is None and layer.out_channels != scale.numel():
+            problem = f"'{src.target}' has {layer.out_channels} output channels, the norm {scale.numel()}"
+        if problem is None:
+            problem = _layout_problem(layer, src, FUNCTIONAL, scale.numel(), f"out of '{src.target}'")
+        if problem is not None:
+            report.unfolded.append({"norm": name, "reason": problem})
+            continue
+        master(src.target).fold_output(scale, shift)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        for attr in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in targets and not n.users]:
+            gm.graph.erase_node(attr)
+        dropped += targets
+        report.folded.append({"norm": name, "into": src.target})
+    for target in dropped:  # the folded statistics leave the module (and its state dict) with the call
+        owner_path, _, leaf = target.rpartition(".")
+        delattr(_get_attr(gm, owner_path) if owner_path else gm, leaf)
 
 
 def _report_uncalled(model: nn.Module, called: set, report: FoldReport) -> None:

@@ -78,6 +78,9 @@ class FuseExportReport:
     dynamic_dims: list[list[int]] = field(default_factory=list)  # per ONNX input, its symbolic dimensions
     input_shape_fixed: str | None = None  # for a guessed shape the ONNX fixes: why, and what to do
     checked_shapes: list[list[list[int]]] = field(default_factory=list)  # each input configuration parity ran
+    lower_unfolded: str = "keep"       # what became of the BatchNorm nodes left after the fold
+    lowered: list[dict] = field(default_factory=list)     # {"node", "channels"}: became Mul + Add
+    lower_kept: list[dict] = field(default_factory=list)  # {"node", "reason"}: left as BatchNormalization
 
     @property
     def passed(self) -> bool:
@@ -91,6 +94,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                 exporter: str = DEFAULT_EXPORTER, opset: int | None = None, dynamic_batch: bool = False,
                 atol: float | None = None, rtol: float | None = None, samples: int = DEFAULT_SAMPLES,
                 seed: int = 0, keep_on_fail: bool = False, save_fused: str | os.PathLike | None = None,
+                lower_unfolded: str | None = None,
                 force: bool = False, sources: Sequence[str | os.PathLike] = (),
                 progress: Callable[[str], None] | None = None) -> FuseExportReport:
     """Fold, export and check ``model``; write ``output`` only if parity passed (or ``keep_on_fail``).
@@ -99,13 +103,19 @@ def fuse_export(model, output: str | os.PathLike, *,
     ``samples`` random ones); example_inputs: a ``.pt2`` archive's, used for shapes when nothing else is
     given. sources: input files that must not be overwritten. atol/rtol: None means the default for the
     model's dtype (``dtype_tolerances``); a float16/bfloat16 model is judged against a float32 run of itself.
+    lower_unfolded: what becomes of the BatchNorm nodes the fold left, ``"mul-add"`` or ``"keep"``
+    (``normcli.lower``; None: ``DEFAULT_LOWER``).
     """
     import torch
 
     from normcli import fold as fold_module
     from normcli.export import default_input_names, default_output_names, export_onnx
+    from normcli.lower import DEFAULT_LOWER, LOWER_MODES
     from normcli.parity import check_parity
 
+    lower_unfolded = DEFAULT_LOWER if lower_unfolded is None else lower_unfolded
+    if lower_unfolded not in LOWER_MODES:
+        raise NormcliError(f"--lower-unfolded must be one of {', '.join(LOWER_MODES)}, not {lower_unfolded!r}")
     step = progress or (lambda message: None)
     output = check_output_path(output, inputs=tuple(sources), force=force)
     if save_fused is not None:
@@ -200,6 +210,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                      f"but the {exported.exporter} exporter fixed the shape in the ONNX (input dims "
                      f"{exported.input_dims}); pass --input-shape with the shape the model is used at, or try "
                      f"--exporter {'torchscript' if exported.exporter == 'dynamo' else 'dynamo'}")
+        lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
         try:
             parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
@@ -234,6 +245,7 @@ def fuse_export(model, output: str | os.PathLike, *,
         onnx={"nodes": exported.nodes, "batchnorm_nodes": exported.batchnorm_nodes,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
+        lower_unfolded=lowering.mode, lowered=lowering.lowered, lower_kept=lowering.kept,
         warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite,
         input_shape_guessed=guessed, dynamic_dims=symbolic, input_shape_fixed=fixed,
         checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
@@ -286,6 +298,24 @@ def _nonfinite_sources(model, sample: tuple) -> dict:
         for handle in handles:
             handle.remove()
     return {"norms": norms, "first": first[0] if first else None}
+
+
+def _lower(onnx_path, mode: str, exported, step):
+    """Lower the BatchNormalization nodes left in the exported file; the node counts follow the rewrite."""
+    import onnx
+
+    from normcli.export import count_nodes
+    from normcli.lower import lower_unfolded
+
+    if exported.batchnorm_nodes and mode != "keep":
+        step(f"lowering {exported.batchnorm_nodes} BatchNormalization node(s) ({mode})")
+    report = lower_unfolded(onnx_path, mode if exported.batchnorm_nodes else "keep")
+    report.mode = mode
+    if report.lowered:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        exported.nodes = count_nodes(proto)
+        exported.batchnorm_nodes = count_nodes(proto, op_type="BatchNormalization")
+    return report
 
 
 def _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples: int, seed: int,

@@ -146,11 +146,13 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, l
         loaded = load_model(ck, arch=arch, arch_kwargs=arch_kwargs, unsafe_load=unsafe_load, key=key,
                             limits=limits)
         tf = module_tensor_file(loaded)
+        functional = _functional_norms(loaded.model)
     else:
         from normcli.reader import read_tensors
 
         tf = read_tensors(ck, key=key, limits=limits)
-    layers = find_norm_layers(tf.tensors, tf.module_types, tf.module_eps)
+        functional = ()
+    layers = find_norm_layers(tf.tensors, tf.module_types, tf.module_eps, functional)
     add_findings(layers, thresholds)
     notes = []
     if tf.stripped_prefixes:
@@ -160,6 +162,17 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, l
     trust = merge_reader_globals(trust, tf.globals)
     return InspectReport(str(path), tf.format, layers, state_dict_key=tf.state_dict_key, notes=notes,
                          file_findings=[*trust_findings(trust), *tf.file_findings], trust=trust.as_json())
+
+
+def _functional_norms(model) -> list[str]:
+    """Modules whose running statistics an ``F.batch_norm`` call in forward reads, found by torch.fx; none
+    when the model does not trace (inspect then names their kind from the buffers, as without --arch)."""
+    from normcli.fold import functional_norm_sites
+
+    try:
+        return functional_norm_sites(model)
+    except Exception:  # noqa: BLE001 - an untraceable model has no fx dataflow to read
+        return []
 
 
 # -------------------------------------------------------------------------------------------------- trust
@@ -226,12 +239,18 @@ def _infer_kind(names: set[str]) -> str | None:
 
 
 def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | None = None,
-                     module_eps: dict[str, float] | None = None) -> list[NormLayer]:
+                     module_eps: dict[str, float] | None = None,
+                     functional: Iterable[str] = ()) -> list[NormLayer]:
     """Group a state dict's tensors by module and keep the modules that are norm layers.
 
     ``tensors`` maps names to objects with ``load() -> np.ndarray``, ``shape`` and ``ndim``; only the
-    norm layers' tensors are ever loaded.
+    norm layers' tensors are ever loaded. A known norm+activation class (``normcli.norm_act``) is a norm of
+    its own kind; ``functional`` names modules whose statistics an ``F.batch_norm`` call in forward uses (kind
+    ``functional``).
     """
+    from normcli.norm_act import NORM_ACT_CLASSES
+
+    functional = set(functional)
     module_types = module_types or {}
     module_eps = module_eps or {}
     groups: dict[str, dict[str, Any]] = {}
@@ -243,7 +262,11 @@ def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | Non
         names = set(members)
         cls = _class_name(module_types.get(module))
         inferred = _infer_kind(names)
-        if cls in NORM_CLASSES:
+        if module in functional and "running_mean" in names:
+            kind, is_inferred = "functional", False
+        elif module_types.get(module) in NORM_ACT_CLASSES:
+            kind, is_inferred = cls, False
+        elif cls in NORM_CLASSES:
             if cls in _INSTANCE_NORMS and "running_mean" not in names:
                 continue  # instance norm without running statistics has nothing to inspect
             kind, is_inferred = cls, False

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from normcli.errors import NormcliError, describe
 from normcli.fx_tools import drop_string_annotations
 from normcli.inputs import infer_input_shape, make_inputs
+from normcli.norm_act import norm_act_followers, norm_act_of, qualified_name
 
 if TYPE_CHECKING:
     import torch
@@ -538,8 +539,12 @@ def _relu_label(node: torch.fx.Node) -> str:
 def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
     import torch.fx
 
+    class Tracer(torch.fx.Tracer):  # a norm+activation module is one call, like the norm it is
+        def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+            return norm_act_of(m) is not None or super().is_leaf_module(m, qualified_name)
+
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = Tracer().trace(model)
         drop_string_annotations(graph)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; all mean the same here
         report.traced = False
@@ -547,6 +552,57 @@ def _trace(model: nn.Module, report: SwapReport) -> torch.fx.Graph | None:
         return None
     report.traced = True
     return graph
+
+
+def opaque_norm_reason(bn: nn.Module) -> str | None:
+    """Why a BatchNorm subclass is left alone: it overrides forward and is not a known norm+activation class."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return None
+    spec = norm_act_of(bn)
+    if spec is not None and spec.norm == "batchnorm":
+        return None
+    return (f"{qualified_name(type(bn))} overrides forward() and is not a known norm+activation class, so what "
+            "it computes besides the norm is unknown; replacing it could drop that")
+
+
+def _norm_part(bn: nn.Module) -> nn.Module:
+    """A plain BatchNorm1d/2d/3d or SyncBatchNorm holding a norm+activation module's norm state."""
+    from torch import nn
+
+    base = next(c for c in (nn.SyncBatchNorm, nn.BatchNorm3d, nn.BatchNorm2d, nn.BatchNorm1d) if isinstance(bn, c))
+    ref = bn.running_var if bn.running_var is not None else bn.weight
+    plain = base(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                 track_running_stats=bn.track_running_stats,
+                 device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    own = {k: v for k, v in bn.state_dict().items() if "." not in k}
+    plain.load_state_dict(own)
+    return plain.train(bn.training)
+
+
+def _convert_keeping_followers(target: SwapTarget, name: str, bn: nn.Module, rank: int | None,
+                               options: Mapping[str, Any], report: SwapReport) -> nn.Module | str:
+    """The target's conversion of ``bn``; for a norm+activation module, of its norm part, with its dropout and
+    activation kept after the new norm (FRN's TLU takes the place of a ReLU)."""
+    from torch import nn
+
+    from normcli.layers.norm_act import NORM_ACT_BY_BASE, with_followers
+
+    if norm_act_of(bn) is None:
+        return target.convert(name, bn, rank, options)
+    followers = dict(norm_act_followers(bn))
+    new = target.convert(name, _norm_part(bn), rank, options)
+    if isinstance(new, str):
+        return new
+    if type(new) not in NORM_ACT_BY_BASE:
+        return f"normcli has no {type(new).__name__} with an activation to keep {type(bn).__name__}'s"
+    act = followers.get("act")
+    if target.absorbs_relu and type(act) is nn.ReLU:
+        report.absorbed_activations.append(f"{name}.act (inside {name})")
+        act = None
+    return with_followers(new, followers.get("drop"), act)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -658,12 +714,18 @@ def swap_norms(
     replacements: dict[str, nn.Module] = {}
     for name, bn in norms:
         reason = _selection_reason(name, include_globs, exclude_globs)
-        new = reason if reason is not None else target.convert(name, bn, ranks.get(name), resolved)
+        if reason is None:
+            reason = opaque_norm_reason(bn)
+        new = reason if reason is not None else _convert_keeping_followers(
+            target, name, bn, ranks.get(name), resolved, report)
         if isinstance(new, str):
             report.skipped.append({"name": name, "reason": new})
         else:
             replacements[name] = new
             entry = {"name": name, "from": type(bn).__name__, "to": type(new).__name__}
+            kept = norm_act_followers(new)
+            if norm_act_of(bn) is not None:
+                entry["keeps"] = [f"{attr} ({type(m).__name__})" for attr, m in kept if type(m) is not nn.Identity]
             if isinstance(new, nn.GroupNorm):
                 entry["groups"] = new.num_groups
                 if new.num_groups != resolved["groups"]:
@@ -683,7 +745,7 @@ def swap_norms(
     modules = dict(model.named_modules())
     if graph is not None and target.absorbs_relu:
         absorbed = _absorb_relus(graph, modules, replacements)
-        report.absorbed_activations = absorbed
+        report.absorbed_activations += absorbed
         if absorbed:
             result = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
             called = {node.target for node in graph.nodes if node.op == "call_module"}

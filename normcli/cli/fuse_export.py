@@ -19,6 +19,8 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_SAMPLES = 3
 EXPORTERS = ("dynamo", "torchscript")
+LOWER_MODES = ("mul-add", "keep")  # normcli.lower.LOWER_MODES; DEFAULT_LOWER mirrors its default
+DEFAULT_LOWER = "keep"
 
 
 def fuse_export(
@@ -59,6 +61,11 @@ def fuse_export(
         None, "--save-fused", metavar="PATH",
         help="Also write the folded torch model: a torch.export archive if PATH ends in .pt2, else TorchScript; "
              "both load with plain torch."),
+    lower_unfolded: str = typer.Option(
+        DEFAULT_LOWER, "--lower-unfolded", metavar="mul-add|keep", case_sensitive=False,
+        help="What becomes of a BatchNorm the fold could not fold (no conv or linear beside it): mul-add "
+             "rewrites its BatchNormalization node as a per-channel Mul + Add (scale and shift computed in "
+             "float64); keep (default, faster in onnxruntime) leaves the node."),
     keep_on_fail: bool = typer.Option(False, "--keep-on-fail", help="Write the outputs even if parity fails "
                                                                      "(the exit code is still 1)."),
     fail_on: str = FailOnOption,
@@ -81,6 +88,9 @@ def fuse_export(
         if value is not None and not (value >= 0 and not math.isinf(value)):
             raise NormcliError(f"--atol and --rtol must be finite and not negative (got {name} {value})")
     fail_on = parse_fail_on(fail_on)
+    lower_unfolded = lower_unfolded.lower()
+    if lower_unfolded not in LOWER_MODES:
+        raise NormcliError(f"--lower-unfolded must be mul-add or keep, not {lower_unfolded!r}")
     shapes = [parse_shape(s) for s in input_shape or []]
     if shapes and input_file:
         raise NormcliError("give either --input or --input-shape, not both")
@@ -137,6 +147,7 @@ def fuse_export(
                               example_inputs=loaded.example_inputs, exporter=exporter, opset=opset,
                               dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, samples=samples,
                               keep_on_fail=keep_on_fail, save_fused=save_fused, force=force, sources=(path,),
+                              lower_unfolded=lower_unfolded,
                               progress=step)
 
     if report.input_shape_fixed:
@@ -181,6 +192,7 @@ def report_json(report) -> dict:
         "warnings": report.warnings, "reference": report.reference, "nonfinite": report.nonfinite,
         "input_shape_guessed": report.input_shape_guessed, "dynamic_dims": report.dynamic_dims,
         "input_shape_fixed": report.input_shape_fixed, "checked_shapes": report.checked_shapes,
+        "lower_unfolded": report.lower_unfolded, "lowered": report.lowered, "lower_kept": report.lower_kept,
     })
 
 
@@ -252,6 +264,11 @@ def render(report) -> None:
     console.print(table)
     console.print(f"ONNX: {report.onnx['nodes']} nodes, {report.onnx['batchnorm_nodes']} BatchNormalization; "
                   f"{report.exporter} exporter, opset {report.opset}", soft_wrap=True)
+    if report.lowered:
+        console.print(f"lowered {len(report.lowered)} unfolded BatchNormalization node(s) to Mul + Add "
+                      "(--lower-unfolded mul-add)", soft_wrap=True)
+    for kept in report.lower_kept:
+        console.print(f"kept BatchNormalization {cell(kept['node'])}: {cell(kept['reason'])}", soft_wrap=True)
     if report.output:
         console.print(f"wrote {cell(report.output)}" + ("" if parity.passed else " (parity failed; --keep-on-fail)"),
                       soft_wrap=True)
