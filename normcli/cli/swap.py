@@ -96,7 +96,17 @@ def swap(
         # a compiled graph has no norm modules to replace: its weights go into the user's model code instead
         kind, extra = (("TorchScript archive, whose compiled modules", " --unsafe-load")
                        if checkpoint.format == "torchscript" else ("torch.export archive, whose graph", ""))
-        raise NormcliError(f"{path} is a {kind} cannot be swapped; swap its weights in your model code "
+        classes = ""
+        if not unsafe_load:
+            from normcli.loading import _names, refuse_code
+            from normcli.reader import read_tensors
+
+            refuse_code(checkpoint, checkpoint.format)  # a file naming code is refused by those names first
+            named = read_tensors(checkpoint, key=key, limits=limits).unsafe_globals
+            if named:
+                classes = (f" (loading it runs its classes {_names(named)}: use --unsafe-load only on files you "
+                           "trust)")
+        raise NormcliError(f"{path} is a {kind} cannot be swapped{classes}; swap its weights in your model code "
                            f"instead: pass --arch package.module:callable{extra} (the class that built it)")
     # torch is imported only once the file is known to be loadable: a refused file says so without waiting for it
     loaded = load_model(checkpoint, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key, limits=limits)
