@@ -229,30 +229,101 @@ def _collect_files(path: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return found, notes
 
 
-def _read_npz_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
-    """One array of an .npz, allocated only after its header's size is checked against the entry's size."""
+# An array in an .npz may declare at most this many bytes per byte of its (compressed) entry: deflate reaches
+# ~1000x only on constant data, and a declared size far beyond it is a decompression bomb.
+MAX_EXPANSION = 1100
+
+
+def _read_npz_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, what: str = "data file"):
+    """One array of an .npz, allocated only after its header's size is checked against the entry's sizes."""
     import numpy as np
 
+    name = info.filename[:-4]
     with z.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10000)
-        if dtype.hasobject or dtype.kind not in "fiub":
-            raise NormcliError(f"{path}: array {info.filename} holds {dtype} values; data must be numeric")
+        if dtype.hasobject:
+            raise NormcliError(f"{what} {path}: array {name!r} holds Python objects; only numeric arrays are read")
+        if dtype.kind not in "fiub":
+            raise NormcliError(f"{what} {path}: array {name!r} holds {dtype} values; only numeric arrays are read")
         count = 1
         for s in shape:
             count *= int(s)
         nbytes = count * dtype.itemsize
-        if nbytes > info.file_size - f.tell():
-            raise NormcliError(f"{path}: array {info.filename} claims {nbytes} bytes but its entry holds "
-                               f"{info.file_size}; the file is corrupt")
+        if nbytes > info.file_size - f.tell() or nbytes > max(info.compress_size, 1) * MAX_EXPANSION + 4096:
+            raise NormcliError(f"{what} {path}: array {name!r} declares {nbytes} bytes but its entry holds "
+                               f"{info.compress_size} compressed, {info.file_size} stored; the file is corrupt")
         data = f.read(nbytes)
     if len(data) != nbytes:
-        raise NormcliError(f"{path}: array {info.filename} is truncated")
+        raise NormcliError(f"{what} {path}: array {name!r} is truncated")
     arr = np.frombuffer(data, dtype=dtype, count=count)
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
+def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, Any]:
+    """name -> numpy array of an ``.npz`` archive, in the file's order; nothing is unpickled and every array's
+    declared size is checked against its entry before it is read. ``what`` names the file in errors."""
+    path = Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise NormcliError(f"{what} {path}: no such file") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise NormcliError(f"{what} {path} is not an .npz archive ({describe(e)}); write it with numpy.savez "
+                           "or normcli fuse-export --save-inputs/--save-outputs") from None
+    arrays = {}
+    with archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise NormcliError(f"{what} {path}: entry {info.filename!r} is not a .npy array")
+            try:
+                arrays[info.filename[:-4]] = _read_npz_member(archive, info, path, what)
+            except NormcliError:
+                raise
+            except Exception as e:
+                raise NormcliError(f"{what} {path}: cannot read array {info.filename[:-4]!r} ({describe(e)})"
+                                   ) from None
+    if not arrays:
+        raise NormcliError(f"{what} {path} holds no arrays")
+    return arrays
+
+
+def read_input_tensors(path: str | os.PathLike, option: str = "--input") -> list:
+    """The tensors one input file holds, in the file's order, read with the same readers as ``--data``:
+    ``.npy`` (one), ``.npz``/``.pt``/``.safetensors`` (each array one positional input), or a PNG/JPEG image
+    (one (1, C, H, W) float32 tensor in [0, 1], through the ``images`` extra). Runs no file code."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise NormcliError(f"{option} {path}: no such file" if not path.exists() else
+                           f"{option} {path} is not a file; give one .npy, .npz, .pt, .safetensors or image file")
+    kind = _kind_of(path)
+    if kind is None:
+        raise NormcliError(f"{option} {path}: not a .npy, .npz, .pt, .safetensors, PNG or JPEG file "
+                           "(recognised by content)")
+    if kind == "image":
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise NormcliError(f"{option} {path} is an image, which needs Pillow: pip install 'normcli[images]'"
+                               ) from None
+        return [torch.from_numpy(load_image(path, None)[None].copy())]
+    tensors = []
+    for name, a in read_arrays(path).items():
+        bf16 = isinstance(a, tuple)
+        arr = np.array(a[0] if bf16 else a, copy=True)
+        if arr.dtype.kind not in "fiub":
+            raise NormcliError(f"{option} {path}: array {name} holds {arr.dtype} values; an input must be numeric")
+        t = torch.from_numpy(arr)
+        tensors.append(t.view(torch.bfloat16) if bf16 else t)
+    if not tensors:
+        raise NormcliError(f"{option} {path} holds no arrays")
+    return tensors
 
 
 def read_arrays(path: Path) -> dict[str, Any]:
@@ -268,8 +339,7 @@ def read_arrays(path: Path) -> dict[str, Any]:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             return {"x": arr}
         if head.startswith(b"PK\x03\x04") and _is_npz(path):
-            with zipfile.ZipFile(path) as z:
-                return {info.filename[:-4]: _read_npz_member(z, info, path) for info in z.infolist()}
+            return read_npz(path)
         fmt = detect_format(path)
         if fmt == "safetensors":
             from normcli.reader import read_tensors

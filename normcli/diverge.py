@@ -34,6 +34,7 @@ class ModuleError:
     max_rel: float
     mean_abs: float
     passed: bool
+    rel_rms: float = 0.0   # ||onnx - torch|| / ||torch||: the error relative to the output's size
 
 
 @dataclass
@@ -140,8 +141,12 @@ def _exposed_model(onnx_path, values: set[str]):
 
 
 def find_divergence(model, onnx_path: str | os.PathLike, samples: Sequence[tuple], *, atol: float,
-                    rtol: float, provider: str | None = None) -> Divergence:
-    """Compare every module call of ``model`` with the ONNX value exported for it, on ``samples``."""
+                    rtol: float, provider: str | None = None,
+                    onnx_samples: Sequence[tuple] | None = None) -> Divergence:
+    """Compare every module call of ``model`` with the ONNX value exported for it, on ``samples``.
+
+    onnx_samples: what onnxruntime is fed instead, sample for sample (e.g. the float16 inputs of a float16
+    export checked against the float32 torch model); the same values at another precision."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -159,8 +164,10 @@ def find_divergence(model, onnx_path: str | os.PathLike, samples: Sequence[tuple
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if name and isinstance(weight, torch.Tensor) and weight.numel() > 1:
-            key = weight.detach().cpu().contiguous().numpy().tobytes()
-            (ambiguous.add(key) if key in weights else weights.__setitem__(key, name))
+            # the bytes at the model's own precision, and at half precision for a float16 export of it
+            for key in {weight.detach().cpu().contiguous().numpy().tobytes(),
+                        weight.detach().cpu().half().contiguous().numpy().tobytes()}:
+                (ambiguous.add(key) if key in weights else weights.__setitem__(key, name))
     for key in ambiguous:  # two modules with equal weights: neither can be told by its bytes
         weights.pop(key, None)
     onnx_calls = _onnx_calls(graph, names, flat=isinstance(model, torch.fx.GraphModule), weights=weights)
@@ -204,12 +211,15 @@ def find_divergence(model, onnx_path: str | os.PathLike, samples: Sequence[tuple
             hooks.append(module.register_forward_hook(hook_for(name)))
     got: dict[str, list] = {}
     try:
-        for sample in samples:
+        if onnx_samples is not None and len(onnx_samples) != len(samples):
+            raise NormcliError(f"{len(onnx_samples)} onnxruntime samples given for {len(samples)} torch samples")
+        for index, sample in enumerate(samples):
             counts.clear()
             with torch.no_grad():
                 model(*sample)
+            fed = sample if onnx_samples is None else onnx_samples[index]
             feed = {n: t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-                    for n, t in zip(input_names, sample)}
+                    for n, t in zip(input_names, fed)}
             for name, value in zip(output_names, session.run(None, feed)):
                 got.setdefault(name, []).append(value)
     finally:
@@ -237,8 +247,19 @@ def find_divergence(model, onnx_path: str | os.PathLike, samples: Sequence[tuple
                             max_abs=float(diff.max()) if diff.size else 0.0,
                             max_rel=float(rel.max()) if rel.size else 0.0,
                             mean_abs=float(diff.mean()) if diff.size else 0.0,
-                            passed=not bool(mismatch_mask(a, r, atol, rtol).any()))
+                            passed=not bool(mismatch_mask(a, r, atol, rtol).any()),
+                            rel_rms=_rel_rms(a, r))
         result.modules.append(entry)
         if result.first is None and not entry.passed:
             result.first = entry
     return result
+
+
+def _rel_rms(a, r) -> float:
+    import numpy as np
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        num, den = float(np.linalg.norm(a - r)), float(np.linalg.norm(r))
+    if num != num:
+        return float("nan")
+    return 0.0 if num == 0 else (num / den if den else float("inf"))

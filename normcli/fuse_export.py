@@ -8,13 +8,7 @@ on the same inputs (``normcli.parity``); write the ONNX file atomically, and onl
 Input shapes, when not given: the example inputs of a ``.pt2`` archive, else one sample shaped for the first
 conv or linear layer in the model's module order (batch 1): ``(1, in_channels, 64)`` for Conv1d,
 ``(1, in_channels, 64, 64)`` for Conv2d, ``(1, in_channels, 16, 16, 16)`` for Conv3d (transposed convs
-alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``). A guessed shape
-never silently becomes part of the ONNX: if the model also runs at spatial dims 1.5 times the guess, those
-dims are exported symbolic and parity runs at both sizes (``dynamic_dims``, ``checked_shapes``); if it does
-not (e.g. a Linear after a flatten), or the exporter fixes them anyway, ``input_shape_fixed`` says so.
-
-Models that are graphs already: a ``.pt2`` module is folded on its aten graph; TorchScript is converted to a
-torch.export graph and folded there (``normcli.fold``). Either way every norm is in ``folded`` or ``unfolded``.
+alike), ``(1, in_features)`` for Linear. The report says which was used (``input_source``).
 
 ``save_fused``: the folded model as a file that loads with plain torch and no normcli or model code: a
 torch.export archive (``torch.export.load``) when the path ends in ``.pt2``, else TorchScript
@@ -35,7 +29,9 @@ from typing import Callable, Sequence
 from normcli.atomic import atomic_output, check_output_path
 from normcli.errors import NormcliError, describe, first_line
 from normcli.inputs import infer_input_shape, input_configurations, inputs_hint
+from normcli.metrics import DEFAULT_QUANTILE
 from normcli.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult
+from normcli.parity_diagnostics import PRECISIONS, Diagnosis
 
 DEFAULT_SAMPLES = 3
 DEFAULT_EXPORTER = "dynamo"
@@ -81,6 +77,10 @@ class FuseExportReport:
     lower_unfolded: str = "keep"       # what became of the BatchNorm nodes left after the fold
     lowered: list[dict] = field(default_factory=list)     # {"node", "channels"}: became Mul + Add
     lower_kept: list[dict] = field(default_factory=list)  # {"node", "reason"}: left as BatchNormalization
+    precision: str = "fp32"            # of the exported model (--precision)
+    diagnosis: Diagnosis | None = None  # per-module errors, when compared (--compare-intermediates, failure, fp16)
+    saved_inputs: str | None = None    # golden files written (--save-inputs / --save-outputs)
+    saved_outputs: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -96,7 +96,10 @@ def fuse_export(model, output: str | os.PathLike, *,
                 seed: int = 0, keep_on_fail: bool = False, save_fused: str | os.PathLike | None = None,
                 lower_unfolded: str | None = None,
                 force: bool = False, sources: Sequence[str | os.PathLike] = (),
-                progress: Callable[[str], None] | None = None) -> FuseExportReport:
+                progress: Callable[[str], None] | None = None, check_stat: str | None = None,
+                quantile: float = DEFAULT_QUANTILE, provider: str | None = None,
+                compare_intermediates: bool = False, save_inputs: str | os.PathLike | None = None,
+                save_outputs: str | os.PathLike | None = None, precision: str = "fp32") -> FuseExportReport:
     """Fold, export and check ``model``; write ``output`` only if parity passed (or ``keep_on_fail``).
 
     input_shapes: one shape per model input; input_tensors: real inputs (then parity runs on them, not on
@@ -105,6 +108,10 @@ def fuse_export(model, output: str | os.PathLike, *,
     model's dtype (``dtype_tolerances``); a float16/bfloat16 model is judged against a float32 run of itself.
     lower_unfolded: what becomes of the BatchNorm nodes the fold left, ``"mul-add"`` or ``"keep"``
     (``normcli.lower``; None: ``DEFAULT_LOWER``).
+    check_stat/quantile/provider: see ``normcli.parity.check_parity``. compare_intermediates: compare every
+    module's output (also done when parity fails). save_inputs/save_outputs: golden ``.npz`` files for
+    ``normcli parity``. precision ``fp16``: export a float16 copy of the folded model and judge it against the
+    float32 model, with float16 tolerances by default.
     """
     import torch
 
@@ -120,12 +127,25 @@ def fuse_export(model, output: str | os.PathLike, *,
     output = check_output_path(output, inputs=tuple(sources), force=force)
     if save_fused is not None:
         save_fused = check_output_path(save_fused, inputs=(*sources, output), force=force)
+    golden_paths = []
+    for option, golden in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs)):
+        if golden is not None:
+            golden_paths.append(check_output_path(golden, inputs=(*sources, output, *golden_paths), force=force))
+        else:
+            golden_paths.append(None)
+    save_inputs, save_outputs = golden_paths
+    if precision not in PRECISIONS:
+        raise NormcliError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if samples < 1:
         raise NormcliError(f"--samples must be at least 1, got {samples}")
 
     _eval_mode(model)
     dtype = _input_dtype(model)
-    default_atol, default_rtol = dtype_tolerances(dtype)
+    half = precision == "fp16"
+    if half and dtype != torch.float32:
+        raise NormcliError(f"--precision fp16 exports a float16 copy of a float32 model, but this model is "
+                           f"{str(dtype).replace('torch.', '')}; leave --precision out to export it as it is")
+    default_atol, default_rtol = dtype_tolerances(torch.float16 if half else dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     if atol < 0 or rtol < 0:
@@ -135,6 +155,13 @@ def fuse_export(model, output: str | os.PathLike, *,
     inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
                                     dynamic_batch, dtype)
     guessed = not input_tensors and not input_shapes and not example_inputs
+    onnx_inputs = inputs
+    if half:  # the float32 reference and the float16 export see the same (float16) numbers
+        from normcli.parity_diagnostics import half_precision_inputs
+
+        inputs, onnx_inputs = half_precision_inputs(inputs)
+        reference_note = (f"the float32 model, the export in float16 (default tolerances {HALF_EPS_MULTIPLE} x "
+                          f"float16's epsilon {_EPS['float16']:g})")
     example = inputs[0]
     # with a symbolic batch, export at a batch of 2 or more: torch.export specialises a batch of 1
     export_example = next((s for s in inputs if all(t.dim() and t.shape[0] > 1 for t in s)), example) \
@@ -160,7 +187,11 @@ def fuse_export(model, output: str | os.PathLike, *,
             from normcli.inputs import make_inputs
 
             other = [(*s.shape[:2], *(d + d // 2 for d in s.shape[2:])) for s in example]
-            second = make_inputs(other, 1, seed=seed + 2, dtype=dtype)[0]
+            second = second_onnx = make_inputs(other, 1, seed=seed + 2, dtype=dtype)[0]
+            if half:
+                from normcli.parity_diagnostics import half_precision_inputs
+
+                (second,), (second_onnx,) = half_precision_inputs([second])
             try:
                 outputs = reference_model(*_widened(second, widen))
             except Exception as e:
@@ -168,7 +199,7 @@ def fuse_export(model, output: str | os.PathLike, *,
                          f"at {_shapes(second)} ({first_line(describe(e))}), so the ONNX accepts only the guessed "
                          "shape; pass --input-shape with the shape the model is used at")
             else:
-                inputs.append(second)
+                inputs, onnx_inputs = [*inputs, second], [*onnx_inputs, second_onnx]
                 references.append(torch.utils._pytree.tree_flatten(outputs)[0])
                 dynamic_dims = [list(range(2, t.dim())) for t in example]
     nonfinite = None
@@ -188,24 +219,32 @@ def fuse_export(model, output: str | os.PathLike, *,
             with torch.no_grad():
                 folded(*inputs[-1])
         except Exception as e:
-            inputs, references, dynamic_dims = inputs[:-1], references[:-1], None
+            inputs, onnx_inputs, references, dynamic_dims = inputs[:-1], onnx_inputs[:-1], references[:-1], None
             fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes, "
                      f"but its folded graph ({fold_report.method}) fixed the shape ({first_line(describe(e))}), so "
                      "the ONNX accepts only the guessed shape; pass --input-shape with the shape the model is used at")
     step("checking the folded model in torch")
-    fold_check = _fold_check(folded, inputs, references, atol, rtol)
+    # float32 against float32: a float16 export's looser tolerances do not apply to the fold itself
+    fold_check = _fold_check(folded, inputs, references, *(dtype_tolerances(dtype) if half else (atol, rtol)))
+
+    exported_model = folded
+    if half:
+        from normcli.parity_diagnostics import half_model
+
+        exported_model = half_model(folded)
+        export_example = onnx_inputs[next(i for i, s in enumerate(inputs) if s is export_example)]
 
     with tempfile.TemporaryDirectory(prefix="normcli-") as scratch:
         onnx_path = Path(scratch) / output.name
         step(f"exporting with the {exporter} exporter")
-        exported = export_onnx(folded, export_example, onnx_path, exporter=exporter, opset=opset,
+        exported = export_onnx(exported_model, export_example, onnx_path, exporter=exporter, opset=opset,
                                dynamic_batch=dynamic_batch,
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs), dynamic_dims=dynamic_dims)
         symbolic = [[i for i, d in enumerate(dims) if not isinstance(d, int)] for dims in exported.input_dims]
         if dynamic_dims and any(not set(want) <= set(got) for want, got in zip(dynamic_dims, symbolic)):
             # the exporter specialised the spatial dims: the ONNX runs only at the guessed shape
-            inputs, references = inputs[:-1], references[:-1]
+            inputs, onnx_inputs, references = inputs[:-1], onnx_inputs[:-1], references[:-1]
             fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes "
                      f"but the {exported.exporter} exporter fixed the shape in the ONNX (input dims "
                      f"{exported.input_dims}); pass --input-shape with the shape the model is used at, or try "
@@ -213,7 +252,8 @@ def fuse_export(model, output: str | os.PathLike, *,
         lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
         try:
-            parity = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, references=references)
+            parity = check_parity(model, onnx_path, onnx_inputs, atol=atol, rtol=rtol, references=references,
+                                  check_stat=check_stat, quantile=quantile, provider=provider)
         except NormcliError as e:
             if dtype == torch.bfloat16:
                 raise NormcliError(f"{e}; onnxruntime's CPU build runs few operators in bfloat16: export the "
@@ -221,10 +261,21 @@ def fuse_export(model, output: str | os.PathLike, *,
                                    "saving it)") from e
             raise
 
+        diagnosis = None
+        reason = ("--compare-intermediates" if compare_intermediates else "parity failed" if not parity.passed
+                  else "--precision fp16" if half else None)
+        if reason:
+            from normcli.parity_diagnostics import diagnose
+
+            step("comparing every module's output in onnxruntime and torch")
+            diagnosis = diagnose(folded, onnx_path, inputs, reason=reason, atol=atol, rtol=rtol, provider=provider,
+                                 onnx_inputs=onnx_inputs if half else None, precision=precision)
+
         written = None
         fused_format = None
         notes = list(exported.warnings)
         if parity.passed or keep_on_fail:
+
             if save_fused is not None:
                 step(f"saving the folded model to {save_fused}")
                 with warnings.catch_warnings(record=True) as caught:
@@ -235,6 +286,14 @@ def fuse_export(model, output: str | os.PathLike, *,
             with atomic_output(output) as tmp:
                 shutil.copyfile(onnx_path, tmp)
             written = str(output)
+            from normcli.parity_diagnostics import save_golden
+
+            if save_inputs is not None:  # what onnxruntime was fed, and what torch computed from it
+                step(f"saving the inputs to {save_inputs}")
+                save_golden(save_inputs, exported.input_names, onnx_inputs)
+            if save_outputs is not None:
+                step(f"saving the torch outputs to {save_outputs}")
+                save_golden(save_outputs, exported.output_names, references)
 
     return FuseExportReport(
         output=written, exporter=exported.exporter, opset=exported.opset, dynamic_batch=dynamic_batch,
@@ -246,7 +305,9 @@ def fuse_export(model, output: str | os.PathLike, *,
               "input_names": exported.input_names, "output_names": exported.output_names},
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
         lower_unfolded=lowering.mode, lowered=lowering.lowered, lower_kept=lowering.kept,
-        warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite,
+        warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite, precision=precision,
+        diagnosis=diagnosis, saved_inputs=str(save_inputs) if written and save_inputs else None,
+        saved_outputs=str(save_outputs) if written and save_outputs else None,
         input_shape_guessed=guessed, dynamic_dims=symbolic, input_shape_fixed=fixed,
         checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
     )

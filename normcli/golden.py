@@ -2,25 +2,21 @@
 
 The golden files are ``.npz`` archives keyed by the ONNX model's input and output names, as
 ``normcli fuse-export --save-inputs F.npz --save-outputs F.npz`` writes them: ``name`` for a single sample, or
-``name:0``, ``name:1``, ... for several samples (each sample may have its own shape). Nothing in them is
-unpickled (``allow_pickle=False``), and each array's declared size is checked against the file before it is
-read.
+``name:0``, ``name:1``, ... for several samples (each sample may have its own shape). They are read by
+``normcli.data.read_npz``, the one npz reader: nothing in them is unpickled, and each array's declared size is
+checked against the file before it is read.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from normcli.data import read_npz
 from normcli.errors import NormcliError, first_line
 from normcli.metrics import DEFAULT_QUANTILE, OutputMetrics, compare_output
 
-# An array in a golden file may declare at most this many bytes per byte of its (compressed) entry: numpy's
-# deflate reaches ~1000x only on constant data, and a declared size far beyond it is a decompression bomb.
-MAX_EXPANSION = 1100
 SAMPLE_KEY = re.compile(r"^(?P<name>.+?)(?::(?P<index>\d+))?$")
 
 
@@ -36,51 +32,6 @@ class GoldenParity:
     provider: str
     check_stat: str | None
     outputs: list[OutputMetrics] = field(default_factory=list)
-
-
-def read_npz(path: str | os.PathLike, what: str) -> dict[str, "object"]:
-    """name -> numpy array, read without unpickling and with every array's declared size checked first."""
-    import numpy as np
-
-    path = Path(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise NormcliError(f"{what} {path}: no such file") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        raise NormcliError(f"{what} {path} is not an .npz archive ({first_line(e)}); write it with numpy.savez "
-                           "or normcli fuse-export --save-inputs/--save-outputs") from None
-    arrays = {}
-    with archive:
-        for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                raise NormcliError(f"{what} {path}: entry {info.filename!r} is not a .npy array")
-            name = info.filename[:-4]
-            try:
-                with archive.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)  # the header only: the data is not read yet
-                    declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
-                    if dtype.hasobject:
-                        raise NormcliError(f"{what} {path}: array {name!r} holds Python objects; only numeric "
-                                           "arrays are read")
-                    if declared > max(info.compress_size, 1) * MAX_EXPANSION + 4096:
-                        raise NormcliError(f"{what} {path}: array {name!r} declares {declared} bytes but its entry "
-                                           f"holds {info.compress_size}; the file is corrupt")
-                with archive.open(info) as f:
-                    array = np.lib.format.read_array(f, allow_pickle=False)
-            except NormcliError:
-                raise
-            except Exception as e:
-                raise NormcliError(f"{what} {path}: cannot read array {name!r} ({first_line(e)})") from None
-            if array.dtype.kind not in "fiub":
-                raise NormcliError(f"{what} {path}: array {name!r} is {array.dtype}; only numeric arrays are read")
-            arrays[name] = array
-    if not arrays:
-        raise NormcliError(f"{what} {path} holds no arrays")
-    return arrays
 
 
 def by_sample(arrays: dict, names: list[str], kind: str, path) -> list[list]:

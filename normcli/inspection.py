@@ -153,6 +153,12 @@ def _inspect_opened(ck, path, arch, arch_kwargs, key, thresholds, unsafe_load, l
         tf = read_tensors(ck, key=key, limits=limits)
         functional = ()
     layers = find_norm_layers(tf.tensors, tf.module_types, tf.module_eps, functional)
+    if tf.format == "safetensors" and arch is None:
+        # safetensors sorts its keys as strings (layer1.10 before layer1.2); natural order reads as the model
+        # was built (with --arch, the tensors come from the model in its own order)
+        from normcli.naming import natural_key
+
+        layers.sort(key=lambda x: natural_key(x.name))
     add_findings(layers, thresholds)
     notes = []
     if tf.stripped_prefixes:
@@ -283,7 +289,21 @@ def find_norm_layers(tensors: dict[str, Any], module_types: dict[str, str] | Non
         except Exception as e:  # the bytes behind a tensor do not match its description
             raise NormcliError(f"cannot read the tensors of layer {module!r} ({type(e).__name__}: {e}); "
                                "the file is truncated or corrupt") from None
-    return layers
+    return _in_file_order(layers, tensors)
+
+
+def _in_file_order(layers: list[NormLayer], tensors: dict[str, Any]) -> list[NormLayer]:
+    """Layers in the order their first tensor appears (a state dict's order is the model's order), weight-norm
+    layers among the others rather than ahead of them."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(tensors):
+        module = key.rpartition(".")[0]
+        while True:
+            first.setdefault(module, i)
+            if not module:
+                break
+            module = module.rpartition(".")[0]
+    return sorted(layers, key=lambda x: first.get(x.name, first.get(x.name.rpartition(".")[0], len(first))))
 
 
 _PARAMETRIZED = ".parametrizations."

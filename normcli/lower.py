@@ -6,8 +6,8 @@ several layers read) stays a ``BatchNormalization`` node after the fold. In infe
 ``shift = beta - mean * scale``; ``lower_unfolded(path, "mul-add")`` rewrites each such node into ``Mul`` and
 ``Add`` with ``scale`` and ``shift`` computed in float64 from the node's stored inputs and rounded once to the
 input's dtype, shaped ``(C, 1, ..., 1)`` to broadcast over the node's input rank. ``"keep"`` leaves the graph
-as exported (the default, the faster form in onnxruntime). A node that cannot be lowered exactly (training mode, statistics computed in the graph,
-unknown input rank) stays, with the reason.
+as exported (the default, the faster form in onnxruntime). A node that cannot be lowered exactly (training
+mode, statistics computed in the graph, unknown input rank) stays, with the reason.
 
 Imports onnx and numpy only inside its functions.
 """

@@ -15,7 +15,7 @@ What must be within tolerance:
   exceeds rtol (a NaN statistic exceeds any tolerance).
 
 A reference that holds NaN or Inf is never a pass: there is nothing to compare against (``problem`` says
-``non-finite``).
+``non-finite: ...``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class OutputMetrics:
     problem: str | None = None   # "non-finite" reference, or a shape/count mismatch
     quantile_abs: float | None = None   # with check_stat "quantile": the chosen quantile's errors
     quantile_rel: float | None = None
+    nonfinite_reference: int = 0         # reference elements that are NaN or Inf
 
 
 def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: float, rtol: float,
@@ -80,15 +81,30 @@ def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: fl
         diff[same] = 0.0
         nonzero = b != 0
         rel = diff[nonzero] / np.abs(b[nonzero])
-        close = same | (np.isfinite(diff) & (diff <= atol + rtol * np.abs(b)))
-        over_atol = diff - rtol * np.abs(b)
-        over_rtol = np.where(diff > atol, (diff - atol) / np.abs(b), 0.0)
+        scaled = rtol * np.abs(b)
+        close = same | (np.isfinite(diff) & (diff <= atol + scaled))
+        # per element, the smallest tolerance that passes under the rule exactly as it is evaluated here:
+        # diff - rtol*|b| rounds, and (diff - rtol*|b|) + rtol*|b| can land one ulp below diff
+        need_atol = _smallest_passing(diff, lambda t: t + scaled, np.maximum(diff - scaled, 0.0))
+        need_atol[same] = 0.0
+        mag = np.abs(b)
+        ratio = np.where(diff > atol, (diff - atol) / np.where(mag > 0, mag, 1.0), 0.0)
+        need_rtol = _smallest_passing(diff, lambda t: atol + t * mag, np.maximum(ratio, 0.0))
+        need_rtol[(diff > atol) & (mag == 0)] = np.inf  # no rtol helps against a zero reference
+        need_rtol[same] = 0.0
+        need_atol[np.isnan(diff) & ~same] = np.inf  # NaN against a number: no tolerance passes
+        need_rtol[np.isnan(diff) & ~same] = np.inf
     mismatched = int((~close).sum())
-    if not np.isfinite(b).all():
-        problem = "non-finite"
+    nonfinite = int(b.size - np.count_nonzero(np.isfinite(b)))
+    if nonfinite:
+        problem = (f"non-finite: the reference holds NaN/Inf in {nonfinite} of {b.size} elements, so agreement "
+                   "proves nothing")
 
     def stat(values, fn):
-        return float(fn(values)) if values.size else 0.0
+        if not values.size:
+            return 0.0
+        with np.errstate(all="ignore"):  # inf errors: a quantile interpolates inf - inf
+            return float(fn(values))
 
     metrics = OutputMetrics(
         name=name,
@@ -98,10 +114,11 @@ def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: fl
         mean_rel=stat(rel, np.mean), median_rel=stat(rel, np.median),
         p99_rel=stat(rel, lambda v: np.quantile(v, 0.99)),
         cosine=_cosine(a, b),
-        required_atol=max(0.0, stat(over_atol, np.max)),
-        required_rtol=max(0.0, stat(over_rtol, np.max)),
+        required_atol=stat(need_atol, np.max),
+        required_rtol=stat(need_rtol, np.max),
         top1_agreement=None, top5_agreement=None,
         mismatched=mismatched, elements=int(b.size), passed=False, problem=problem,
+        nonfinite_reference=nonfinite,
     )
     metrics.top1_agreement, metrics.top5_agreement = _top_k_agreement(actual, reference)
     if check_stat == "quantile":
@@ -109,6 +126,28 @@ def compare_output(name: str, actual: Sequence, reference: Sequence, *, atol: fl
         metrics.quantile_rel = stat(rel, lambda v: np.quantile(v, quantile))
     metrics.passed = problem is None and _passes(metrics, atol, rtol, check_stat)
     return metrics
+
+
+def _smallest_passing(diff, bound, start):
+    """Per element, the smallest tolerance ``t >= 0`` with ``diff <= bound(t)`` as float64 evaluates it,
+    starting from the algebraic answer ``start`` (which rounding can leave a few ulps off either way)."""
+    import numpy as np
+
+    t = np.array(start, dtype=np.float64)
+    finite = np.isfinite(diff) & np.isfinite(t)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for _ in range(4):  # up while the rule still fails
+            low = finite & ~(diff <= bound(t))
+            if not low.any():
+                break
+            t[low] = np.nextafter(t[low], np.inf)
+        for _ in range(4):  # down while a smaller value passes too
+            smaller = np.maximum(np.nextafter(t, -np.inf), 0.0)
+            down = finite & (t > 0) & (diff <= bound(smaller))
+            if not down.any():
+                break
+            t[down] = smaller[down]
+    return t
 
 
 def _passes(m: OutputMetrics, atol: float, rtol: float, check_stat: str | None) -> bool:

@@ -106,39 +106,6 @@ def read_tensors(path: str | os.PathLike | CheckpointFile, key: str | None = Non
     return tf
 
 
-def read_tensor(path: str | os.PathLike, limits: Limits | None = None) -> LazyArray:
-    """The one tensor of a file written by ``torch.save(tensor, path)`` (zip or legacy), read by the same checked
-    opcode walk and storage checks as a state dict: no torch loader runs, and a pickle naming anything but
-    tensors is refused. The caller keeps the returned array's storage readable until it has copied it."""
-    limits = limits or DEFAULT_LIMITS
-    ck = open_checkpoint(path, limits)
-    p = ck
-    if ck.format not in ("torch-zip", "torch-legacy"):
-        raise NormcliError(f"{p} is a {ck.format} file, not a tensor saved with torch.save; save one tensor with "
-                           "torch.save(t, path) or numpy.save")
-    try:
-        unpickle = _unpickle_legacy if ck.format == "torch-legacy" else _unpickle_zip
-        root, unpickler, _ = unpickle(p, limits)
-    except (PickleRefused, LimitExceeded) as e:
-        if not str(e.args[0]).startswith(str(p)):
-            e.args = (f"{p}: {e.args[0]}",)
-        raise
-    except NormcliError:
-        raise
-    except RecursionError:
-        raise LimitExceeded(f"{p}: the file's structure nests too deeply", "pickle_depth",
-                            limits.pickle_depth) from None
-    except Exception as e:  # any failure to parse what the file claims means the file is damaged
-        raise NormcliError(f"{p}: cannot read the {ck.format} file ({type(e).__name__}: {e}); "
-                           "it is truncated or corrupt") from None
-    if unpickler.unsafe_globals:
-        raise NormcliError(f"{p} names the classes or functions {', '.join(unpickler.unsafe_globals[:6])}, "
-                           "which loading would run; an input must be one tensor saved with torch.save(t, path)")
-    if not isinstance(root, LazyArray):
-        raise NormcliError(f"{p} holds {_describe(root)}, not a tensor; save one tensor with torch.save(t, path)")
-    return root
-
-
 def _plain_data(obj: Any, budget: list[int] | None = None, depth: int = 0) -> bool:
     """Only JSON-like values (no placeholders, no tensors) count as swap options; the walk visits at most a
     few thousand values, however many times the pickle repeats one by reference."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,19 @@ def run_normcli():
                               cwd=cwd or ROOT, env=full_env, timeout=timeout)
 
     return run
+
+
+# a progress line a command prints on a non-terminal stderr as a stage starts (normcli.cli.output)
+STAGE_LINE = re.compile(r"^\[[a-z-]+ \d+\.\ds\] \S")
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line of a failed command's stderr, checked to be the last line with nothing before
+    it but the progress lines of the stages that had started."""
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert all(STAGE_LINE.match(line) for line in lines[:-1]), stderr
+    return lines[-1]
 
 
 def sha256(path: Path) -> str:

@@ -142,7 +142,7 @@ def test_debug_shows_the_traceback(run_normcli, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["swap"], "error: Missing argument 'path'; see 'normcli swap --help'"),
+    (["swap"], "error: Missing argument 'PATH'; see 'normcli swap --help'"),
     (["fuse-export", "x.pt"], "error: Missing option '-o' / '--output'; see 'normcli fuse-export --help'"),
     (["inspect", "x.pt", "--bogus"], "error: No such option: --bogus"),
 ])

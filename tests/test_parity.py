@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 
 import numpy as np
@@ -16,7 +17,8 @@ from torch import nn
 from normcli.errors import NormcliError
 from normcli.export import export_onnx
 from normcli.inputs import make_inputs
-from normcli.parity import check_parity, load_input_file, mismatch_mask
+from normcli.data import read_input_tensors
+from normcli.parity import check_parity, mismatch_mask
 
 INF, NAN = float("inf"), float("nan")
 
@@ -214,20 +216,39 @@ def test_make_inputs_refuses_empty_shapes_and_no_samples():
         make_inputs([(1, 4)], samples=0)
 
 
-def test_load_input_file_reads_npy_and_torch_saves_whatever_the_extension(tmp_path):
+def test_input_files_read_npy_npz_pt_safetensors_and_images_whatever_the_extension(tmp_path):
+    """fuse-export --input reads through recalibrate's data readers (normcli.data): one module for both."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
     array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    other = np.ones((2, 5), dtype=np.float32)
     np.save(tmp_path / "x.npy", array)
     (tmp_path / "x.npy").rename(tmp_path / "npy_named.pt")
     torch.save(torch.from_numpy(array), tmp_path / "zip.pt")
     torch.save(torch.from_numpy(array), tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    # same dtype, names in sorted order: safetensors stores its tensors sorted by alignment, then name
+    np.savez(tmp_path / "two.npz", x0=array, x1=other)
+    torch.save({"x0": torch.from_numpy(array), "x1": torch.from_numpy(other)}, tmp_path / "two.pt")
+    save_file({"x0": array, "x1": other}, str(tmp_path / "two.safetensors"))
 
     for name in ("npy_named.pt", "zip.pt", "legacy.bin"):
-        loaded = load_input_file(tmp_path / name)
+        (loaded,) = read_input_tensors(tmp_path / name)
         assert isinstance(loaded, torch.Tensor)
         np.testing.assert_array_equal(loaded.numpy(), array)
+    for name in ("two.npz", "two.pt", "two.safetensors"):
+        image, features = read_input_tensors(tmp_path / name)  # each array one positional input, in order
+        np.testing.assert_array_equal(image.numpy(), array)
+        np.testing.assert_array_equal(features.numpy(), other)
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    (image,) = read_input_tensors(tmp_path / "photo.png")
+    assert image.shape == (1, 3, 6, 5) and image.dtype == torch.float32
+    np.testing.assert_allclose(image[0].permute(1, 2, 0).numpy(), pixels / 255.0, rtol=0, atol=1e-7)
 
 
-def test_load_input_file_never_runs_torch_load(tmp_path, monkeypatch):
+def test_input_files_never_run_torch_load(tmp_path, monkeypatch):
     """An input file is as untrusted as a checkpoint: it is read by the checked reader, never torch.load."""
     g = torch.Generator().manual_seed(0)
     tensor = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).float()[:, 1:]  # a view, strides kept
@@ -240,11 +261,13 @@ def test_load_input_file_never_runs_torch_load(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", entered)
     monkeypatch.setattr(torch.serialization, "load", entered)
+    from normcli.data import read_input_tensors
+
     for name in ("zip.pt", "legacy.pt"):
-        loaded = load_input_file(tmp_path / name)
+        (loaded,) = read_input_tensors(tmp_path / name)
         assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
-    with pytest.raises(NormcliError, match="torch.nn.modules.linear.Linear.*which loading would run"):
-        load_input_file(tmp_path / "module.pt")
+    with pytest.raises(NormcliError, match="does not hold a tensor"):
+        read_input_tensors(tmp_path / "module.pt")
 
 
 class _Payload:
@@ -254,21 +277,23 @@ class _Payload:
 
 
 @pytest.mark.parametrize("content, message", [
-    ("object_npy", "cannot read .* as a .npy"),
-    ("dict_pt", "holds a dict"),
-    ("code_pt", "cannot read .* torch.save"),
-    ("text", "neither"),
-    ("missing", "cannot read input file"),
+    ("object_npy", "cannot read data file"),
+    ("object_npz", "Python objects"),
+    ("code_pt", "not a .npy, .npz, .pt"),
+    ("text", "not a .npy, .npz, .pt"),
+    ("missing", "no such file"),
     ("string_npy", "numeric"),
+    ("bomb_npz", "declares .* bytes"),
 ])
-def test_load_input_file_refuses_bad_files_without_running_their_code(tmp_path, content, message):
+def test_input_files_refuse_bad_files_without_running_their_code(tmp_path, content, message):
     path = tmp_path / "input.bin"
     _Payload.target = tmp_path / "payload-ran"
     if content == "object_npy":
         np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
         path = path.with_suffix(".bin.npy")
-    elif content == "dict_pt":
-        torch.save({"x": torch.ones(2)}, path)
+    elif content == "object_npz":
+        np.savez(path, x=np.array([{"a": 1}], dtype=object))
+        path = path.with_suffix(".bin.npz")
     elif content == "code_pt":
         with open(path, "wb") as f:
             pickle.dump(_Payload(), f, protocol=2)
@@ -277,22 +302,15 @@ def test_load_input_file_refuses_bad_files_without_running_their_code(tmp_path, 
     elif content == "string_npy":
         np.save(path, np.array(["a", "b"]))
         path = path.with_suffix(".bin.npy")
+    elif content == "bomb_npz":  # a header that declares 8 GB in an entry of a few hundred bytes
+        import zipfile
+
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                      "shape": (1 << 30,)})
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("x.npy", header.getvalue() + b"\0" * 64)
 
     with pytest.raises(NormcliError, match=message):
-        load_input_file(path)
+        read_input_tensors(path)
     assert not _Payload.target.exists()
-
-
-def test_precomputed_references_replace_running_the_torch_model(block_files):
-    model, files = block_files
-    changed = copy.deepcopy(model)
-    with torch.no_grad():
-        changed.fc.bias[0] += 0.25
-    inputs = make_inputs([(2, 3, 6, 6)], samples=2, seed=5)
-    with torch.no_grad():
-        references = [list(changed(*s)) for s in inputs]
-
-    from_references = check_parity(model, files["dynamo"], inputs, references=references)
-    from_model = check_parity(changed, files["dynamo"], inputs)
-    assert not from_references.passed
-    assert from_references.outputs == from_model.outputs

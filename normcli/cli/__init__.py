@@ -19,13 +19,16 @@ from normcli.cli import recalibrate as recalibrate_cmd
 from normcli.cli import scan as scan_cmd
 from normcli.cli import swap as swap_cmd
 
+from normcli.cli.help import NormcliCommand, NormcliGroup
+
 app = typer.Typer(
     name="normcli",
+    cls=NormcliGroup,
     help="Inspect, swap and fold the normalization layers of PyTorch checkpoints.",
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
     no_args_is_help=True,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",  # option panels (Input, Model, Output, Checks, Safety); help texts escape [ ]
     pretty_exceptions_enable=False,
 )
 
@@ -51,7 +54,7 @@ def _command(name: str, function) -> None:
     """Register a command with its docstring's whole first line as the summary `normcli --help` lists
     (Click would cut it at 45 characters)."""
     summary = (function.__doc__ or "").strip().splitlines()[0]
-    app.command(name, short_help=summary)(function)
+    app.command(name, short_help=summary, cls=NormcliCommand)(function)
 
 
 _command("inspect", inspect_cmd.inspect)
@@ -73,7 +76,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(args)
     try:
-        result = app(args=args, prog_name="normcli", standalone_mode=False)
+        try:
+            result = app(args=args, prog_name="normcli", standalone_mode=False)
+        finally:
+            from normcli.cli.output import abort_active
+
+            abort_active()  # a live progress line must not share the error's line
     except NormcliError as e:
         if debug:
             raise

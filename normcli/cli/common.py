@@ -11,10 +11,23 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+
+
+class _Console(Console):
+    """A Rich console whose piped output carries no trailing padding (Rich pads table cells to the column)."""
+
+    def _render_buffer(self, buffer) -> str:
+        text = super()._render_buffer(buffer)
+        if self.is_terminal:
+            return text
+        return "\n".join(line.rstrip(" ") for line in text.split("\n"))
+
+
 # Everything but the command's result goes to stderr, so that --json keeps stdout clean.
-err_console = Console(stderr=True, highlight=False)
-# a pipe or a CI log gets a wide table instead of Rich's 80-column default
-out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err_console = _Console(stderr=True, highlight=False)
+# a pipe or a CI log gets a wide table instead of Rich's 80-column default (tables fit COLUMNS when it is set:
+# normcli.cli.tables)
+out_console = _Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def safe_text(text: Any) -> str:
@@ -148,10 +161,33 @@ def check_inputs_first(*paths) -> None:
         check_readable(path)
 
 
-def render_findings(findings, command: str) -> None:
-    """inspect's findings on the loaded model, one line each on stderr, with whether each stops ``command``."""
+def render_findings(findings, command: str, verbose: bool = False, quiet: bool = False) -> None:
+    """inspect's findings on the loaded model on stderr, with whether each stops ``command``. A finding
+    repeated in several layers with the same verdict is one line naming the layers, then the first layer's
+    message (``verbose``: one line each). ``quiet``: only the findings that stop the command."""
+    from normcli.cli.tables import join_names, output_width
+
     colors = {"error": "red", "warning": "yellow", "info": "cyan"}
+
+    def verdict(f) -> str:
+        return f" [red](stops {command})[/]" if f.stops else (f" (goes on: {cell(f.note)})" if f.note else "")
+
+    groups: dict[tuple, list] = {}
     for f in findings:
-        verdict = f" [red](stops {command})[/]" if f.stops else (f" (goes on: {cell(f.note)})" if f.note else "")
-        err_console.print(f"[{colors[f.severity]}]{f.severity:<7}[/] {cell(f.layer)} [bold]{cell(f.code)}[/]: "
-                          f"{cell(f.message)}{verdict}", soft_wrap=True)
+        if quiet and not f.stops:
+            continue
+        groups.setdefault((f.severity, f.code, bool(f.stops), f.note), []).append(f)
+    width = output_width(err_console)
+    for (severity, code, _, _), members in groups.items():
+        if len(members) == 1 or verbose:
+            for f in members:
+                err_console.print(f"[{colors[severity]}]{severity:<7}[/] {cell(f.layer)} [bold]{cell(f.code)}[/]: "
+                                  f"{cell(f.message)}{verdict(f)}", soft_wrap=True)
+            continue
+        head = f"{severity:<7} {code} in {len(members)} layers: "
+        names = join_names([f.layer for f in members], None if width is None else max(20, width - len(head)))
+        err_console.print(f"[{colors[severity]}]{severity:<7}[/] [bold]{cell(code)}[/] in {len(members)} layers: "
+                          f"{cell(names)}{verdict(members[0])}", soft_wrap=True)
+        err_console.print(f"        {cell(members[0].layer)}: {cell(members[0].message)}", soft_wrap=True)
+
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional
 
@@ -12,6 +11,8 @@ from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailO
                                 UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
                                 parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings,
                                 safe_text)
+from normcli.cli.output import QuietOption, Reporter, VerboseOption
+from normcli.cli.parity_report import parity_json, render_diagnosis, render_golden, render_parity
 
 # Mirrors of the library defaults (normcli.parity / normcli.fuse_export), kept here so that `--help` shows
 # them without importing torch; a test checks they agree.
@@ -21,6 +22,9 @@ DEFAULT_SAMPLES = 3
 EXPORTERS = ("dynamo", "torchscript")
 LOWER_MODES = ("mul-add", "keep")  # normcli.lower.LOWER_MODES; DEFAULT_LOWER mirrors its default
 DEFAULT_LOWER = "keep"
+DEFAULT_QUANTILE = 0.99                       # normcli.metrics
+CHECK_STATS = ("max", "mean", "median", "quantile")
+PRECISIONS = ("fp32", "fp16")                 # normcli.parity_diagnostics
 
 
 def fuse_export(
@@ -37,7 +41,9 @@ def fuse_export(
              "model runs at another size (checked at both), else the report says the shape is now fixed."),
     input_file: Optional[List[str]] = typer.Option(
         None, "--input", metavar="FILE",
-        help="Run parity on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
+        help="Run parity on this data instead of random samples: .npy, .npz, .pt (read safely), .safetensors "
+             "(each array one input, in the file's order) or a PNG/JPEG image (the images extra); the same "
+             "readers as recalibrate --data. Repeat per input."),
     opset: Optional[int] = typer.Option(None, "--opset", metavar="N",
                                         help="ONNX opset. Default 18; each exporter writes the opsets the "
                                              "installed torch and onnx support (an error names them)."),
@@ -69,10 +75,33 @@ def fuse_export(
     keep_on_fail: bool = typer.Option(False, "--keep-on-fail", help="Write the outputs even if parity fails "
                                                                      "(the exit code is still 1)."),
     fail_on: str = FailOnOption,
+    check_error_stat: Optional[str] = typer.Option(
+        None, "--check-error-stat", metavar="max|mean|median|quantile", case_sensitive=False,
+        help="Check this statistic of each output's errors instead of every element: fails when it exceeds "
+             "--atol (absolute error) and --rtol (relative error), as Polygraphy does."),
+    error_quantile: float = typer.Option(DEFAULT_QUANTILE, "--error-quantile", metavar="Q",
+                                         help="The quantile checked by --check-error-stat quantile."),
+    compare_intermediates: bool = typer.Option(
+        False, "--compare-intermediates",
+        help="Compare every module's output in torch and onnxruntime and name the first that diverges "
+             "(done by itself when parity fails)."),
+    save_inputs: Optional[str] = typer.Option(None, "--save-inputs", metavar="F.npz",
+                                              help="Write the parity inputs, keyed by the ONNX input names."),
+    save_outputs: Optional[str] = typer.Option(
+        None, "--save-outputs", metavar="F.npz",
+        help="Write the torch outputs, keyed by the ONNX output names: normcli parity OUT.onnx --inputs "
+             "--expected checks the ONNX file against them without torch."),
+    precision: str = typer.Option("fp32", "--precision", metavar="fp32|fp16", case_sensitive=False,
+                                  help="Export in float16 (fp16) and check it against the float32 model, with "
+                                       "float16 tolerances (16 x its epsilon) unless --atol/--rtol say otherwise."),
+    provider: Optional[str] = typer.Option(None, "--provider", metavar="NAME",
+                                           help="onnxruntime execution provider (cpu, cuda, ...). Default: cpu."),
     json_out: bool = JsonOption,
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     limit: Optional[List[str]] = LimitOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Fold BatchNorm into the convs next to it, export to ONNX and check it against the original in onnxruntime."""
@@ -92,6 +121,14 @@ def fuse_export(
     if lower_unfolded not in LOWER_MODES:
         raise NormcliError(f"--lower-unfolded must be mul-add or keep, not {lower_unfolded!r}")
     shapes = [parse_shape(s) for s in input_shape or []]
+    stat = check_error_stat.lower() if check_error_stat else None
+    if stat is not None and stat not in CHECK_STATS:
+        raise NormcliError(f"--check-error-stat must be one of {', '.join(CHECK_STATS)}, not {check_error_stat!r}")
+    if not 0.0 <= error_quantile <= 1.0:
+        raise NormcliError(f"--error-quantile must be between 0 and 1, got {error_quantile}")
+    precision = precision.lower()
+    if precision not in PRECISIONS:
+        raise NormcliError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if shapes and input_file:
         raise NormcliError("give either --input or --input-shape, not both")
     # a missing input is the first thing to say; then refuse a clobbering or unwritable output before the
@@ -100,16 +137,24 @@ def fuse_export(
     out_path = check_output_path(output, inputs=(path, *(input_file or [])), force=force)
     if save_fused is not None:
         check_output_path(save_fused, inputs=(path, out_path), force=force)
+    for golden in (save_inputs, save_outputs):
+        if golden is not None:
+            check_output_path(golden, inputs=(path, out_path, *(input_file or [])), force=force)
+    if provider is not None:
+        from normcli.parity import resolve_provider
+
+        resolve_provider(provider)  # an unknown one is a usage error before the slow work
     if opset is not None:  # before the slow work: the installed exporter says which opsets it writes
         from normcli.export import check_opset
 
         check_opset(exporter, opset)
 
-    with _status(json_out) as step:
-        step("loading the model")
+    reporter = Reporter("fuse-export", quiet, verbose)
+    with reporter.section() as step:
+        step.stage("loading the model", log=False)
         from normcli.fuse_export import fuse_export as run_pipeline
         from normcli.loading import load_model
-        from normcli.parity import load_input_file
+        from normcli.data import read_input_tensors
 
         from normcli.formats import open_checkpoint
         from normcli.limits import parse_limits
@@ -119,14 +164,18 @@ def fuse_export(
         loaded = load_model(open_checkpoint(path, limits), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                             unsafe_load=unsafe_load,
                             limits=limits)
-        tensors = [load_input_file(f) for f in input_file or []]
-        step("checking the norm layers")
+        tensors = [t for f in input_file or [] for t in read_input_tensors(f)]
+        step.stage("checking the norm layers", log=False)
         from normcli.preflight import judge, model_findings
 
         findings = model_findings(loaded)
         stopping = judge(findings, fail_on)  # a fold uses every statistic
+        if precision == "fp16":
+            from normcli.parity_diagnostics import fp16_gate
+
+            stopping += fp16_gate(findings, fail_on)
     if not json_out:
-        render_findings(findings, "fuse-export")
+        render_findings(findings, "fuse-export", verbose, quiet)
     if stopping:
         from normcli.preflight import summary
 
@@ -142,13 +191,16 @@ def fuse_export(
                           "prove nothing; fix the checkpoint (normcli inspect shows the details), or pass "
                           "--fail-on never to export anyway; nothing was written")
 
-    with _status(json_out) as step:
+    with reporter.section() as step:
         report = run_pipeline(loaded.model, output, input_shapes=shapes or None, input_tensors=tensors or None,
                               example_inputs=loaded.example_inputs, exporter=exporter, opset=opset,
                               dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, samples=samples,
-                              keep_on_fail=keep_on_fail, save_fused=save_fused, force=force, sources=(path,),
+                              keep_on_fail=keep_on_fail, save_fused=save_fused, force=force,
                               lower_unfolded=lower_unfolded,
-                              progress=step)
+                              sources=(path, *(input_file or [])), progress=step, check_stat=stat,
+                              quantile=error_quantile, provider=provider, compare_intermediates=compare_intermediates,
+                              save_inputs=save_inputs, save_outputs=save_outputs, precision=precision)
+    reporter.close()
 
     if report.input_shape_fixed:
         err_console.print(f"warning: {safe_text(report.input_shape_fixed)}", soft_wrap=True, markup=False,
@@ -167,11 +219,14 @@ def fuse_export(
                           + (f"; the first module whose output is non-finite: {first}" if first else "")
                           + f"; fix or recalibrate those statistics{kept}")
     if not report.parity.passed:
-        failed = [o.name for o in report.parity.outputs if o.mismatched or o.problem]
+        failed = [o.name for o in report.parity.outputs if not o.passed]
         kept = f"; {report.output} was written anyway (--keep-on-fail)" if report.output else \
             "; nothing was written"
+        rule = f" ({report.parity.check_stat} error)" if report.parity.check_stat else "*|torch|"
+        first = report.diagnosis.first if report.diagnosis else None
+        where = f"; it starts at module {first['module']}" if first else ""
         raise CheckFailed(f"parity failed on {', '.join(failed)}: the ONNX model differs from the torch model "
-                          f"beyond atol={report.parity.atol} + rtol={report.parity.rtol}*|torch|{kept}")
+                          f"beyond atol={report.parity.atol} + rtol={report.parity.rtol}{rule}{where}{kept}")
 
 
 def report_json(report) -> dict:
@@ -179,11 +234,7 @@ def report_json(report) -> dict:
     return jsonable({
         "output": report.output, "opset": report.opset, "exporter": report.exporter,
         "folded": report.folded, "unfolded": report.unfolded,
-        "parity": {"passed": report.parity.passed, "atol": report.parity.atol, "rtol": report.parity.rtol,
-                   "samples": report.parity.samples,
-                   "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel,
-                                "mean_abs": o.mean_abs, "mismatched": o.mismatched, "elements": o.elements,
-                                "problem": o.problem} for o in report.parity.outputs]},
+        "parity": parity_json(report),
         "onnx": report.onnx,
         "dynamic_batch": report.dynamic_batch,
         "input_shapes": report.input_shapes, "input_source": report.input_source,
@@ -194,16 +245,6 @@ def report_json(report) -> dict:
         "input_shape_fixed": report.input_shape_fixed, "checked_shapes": report.checked_shapes,
         "lower_unfolded": report.lower_unfolded, "lowered": report.lowered, "lower_kept": report.lower_kept,
     })
-
-
-@contextlib.contextmanager
-def _status(quiet: bool):
-    """A Rich spinner on stderr whose text each pipeline step updates; nothing at all with --json."""
-    if quiet or not err_console.is_terminal:
-        yield lambda message: None
-        return
-    with err_console.status("starting") as status:
-        yield lambda message: status.update(f"{message}...")
 
 
 def _num(x: float) -> str:
@@ -235,14 +276,14 @@ def render(report) -> None:
                   soft_wrap=True)
     if report.fold_note:
         console.print(f"note: {cell(report.fold_note)}", style="dim", soft_wrap=True)
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column, print_table
+
     for rows, columns in ((report.folded, ("norm", "into")), (report.unfolded, ("norm", "reason"))):
         if rows:
-            table = Table(header_style="bold", box=None, pad_edge=False)
-            table.add_column("folded norm" if columns[1] == "into" else "unfolded norm")
-            table.add_column(columns[1])
-            for row in rows:
-                table.add_row(*(cell(row[c]) for c in columns))
-            console.print(table)
+            print_table(console, [Column("folded norm" if columns[1] == "into" else "unfolded norm", 1, name=True),
+                                  Column(columns[1], 1, name=True)],
+                        [[safe_text(row[c]) for c in columns] for row in rows])
     check = report.fold_check
     verdict = "[green]ok[/]" if check.passed else \
         ("[red]non-finite[/]: the original's output holds NaN/Inf" if check.problem else "[red]out of tolerance[/]")
@@ -250,18 +291,8 @@ def render(report) -> None:
                   + verdict, soft_wrap=True)
 
     parity = report.parity
-    console.print(f"parity in onnxruntime, original torch model as reference: {parity.samples} samples, "
-                  f"atol {parity.atol:g}, rtol {parity.rtol:g}", soft_wrap=True)
-    if report.reference != "the original model":
-        console.print(f"reference: {report.reference}", soft_wrap=True)
-    table = Table(header_style="bold", box=None, pad_edge=False)
-    for col in ("output", "max abs", "max rel", "mean abs", "mismatched", ""):
-        table.add_column(col, justify="left" if col in ("output", "") else "right")
-    for o in parity.outputs:
-        verdict = "[green]ok[/]" if not (o.mismatched or o.problem) else f"[red]FAIL[/] {cell(o.problem or '')}"
-        table.add_row(cell(o.name), _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), f"{o.mismatched}/{o.elements}",
-                      verdict)
-    console.print(table)
+    render_parity(console, report)
+    render_diagnosis(console, report)
     console.print(f"ONNX: {report.onnx['nodes']} nodes, {report.onnx['batchnorm_nodes']} BatchNormalization; "
                   f"{report.exporter} exporter, opset {report.opset}", soft_wrap=True)
     if report.lowered:
@@ -276,3 +307,4 @@ def render(report) -> None:
         console.print("[red]nothing written[/]: parity failed (pass --keep-on-fail to write anyway)", soft_wrap=True)
     if report.save_fused:
         console.print(f"wrote {cell(report.save_fused)} ({report.save_fused_format})", soft_wrap=True)
+    render_golden(console, report)

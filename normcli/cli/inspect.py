@@ -13,6 +13,7 @@ import typer
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, LimitOption,
                                 UnsafeLoadOption, cell,
                                 jsonable, out_console, parse_arch_kwargs, print_json)
+from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -43,6 +44,8 @@ def inspect(
     limit: Optional[List[str]] = LimitOption,
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
                                        help="Worker processes for several files (default: the number of cores)."),
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Show every norm layer's statistics and flag stale, non-finite, negative, tiny or overflowing values."""
@@ -54,6 +57,7 @@ def inspect(
     fail_on = fail_on.lower()
     if fail_on not in ("error", "warning", "never"):
         raise NormcliError(f"--fail-on must be error, warning or never, not {fail_on!r}")
+    reporter = Reporter("inspect", quiet, verbose, announce=False)
     thresholds = Thresholds(eps=eps, tiny_var_ratio=tiny_var_ratio, dead_weight=dead_weight, fp16_max=fp16_max,
                             tiny_direction_ratio=tiny_direction_ratio)
     targets = discover(paths, include_pickles=False)
@@ -66,10 +70,13 @@ def inspect(
         if layer:
             raise NormcliError("--layer shows one file's channels; give a single file with it")
         job = _Job(arch, arch_kwargs, key, thresholds, unsafe_load)
-        return _inspect_many(targets, job, json_out, fail_on, jobs)
+        return _inspect_many(targets, job, json_out, fail_on, jobs, reporter)
     path = paths[0]
-    report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
-                          thresholds=thresholds, unsafe_load=unsafe_load, limits=parse_limits(limit))
+    with reporter:
+        reporter.stage(f"reading {path}")
+        report = inspect_file(path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), key=key,
+                              thresholds=thresholds, unsafe_load=unsafe_load, limits=parse_limits(limit))
+        reporter.info(f"{len(report.layers)} norm layers in {report.format}")
     detail = select_layers(report.layers, layer) if layer else []
     if layer and not detail:
         names = ", ".join(x.name for x in report.layers[:5]) or "none found"
@@ -77,7 +84,7 @@ def inspect(
     if json_out:
         print_json(report_json(report, detail), schema="inspect")
     else:
-        render(report, detail)
+        render(report, detail, reporter)
     if fails(report, fail_on):
         s = report.summary
         raise CheckFailed(f"{s['error']} error and {s['warning']} warning findings in {path} "
@@ -116,7 +123,7 @@ def _crashed(path: str, message: str) -> dict:
     return {"path": path, "error": message}
 
 
-def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Optional[int]) -> int:
+def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Optional[int], reporter) -> int:
     """One row per file; exit 2 if any file could not be read (the run is incomplete), else 1 if any file's
     findings reach --fail-on, else 0."""
     import sys
@@ -124,7 +131,9 @@ def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Option
     from normcli.discover import run_all
     from normcli.inspection import SEVERITIES
 
-    results = run_all(job, [t.path for t in targets], jobs, _crashed)
+    with reporter:
+        reporter.stage(f"reading {len(targets)} files")
+        results = run_all(job, [t.path for t in targets], jobs, _crashed)
     reports = [r["report"] for r in results if "report" in r]
     errors = [r for r in results if "error" in r]
     failing = []
@@ -141,7 +150,7 @@ def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Option
         print_json({"files": [r.get("report", {"path": r.get("path"), "error": r.get("error")}) for r in results],
                     "summary": summary}, schema="inspect")
     else:
-        render_many(results)
+        render_many(results, reporter)
         out_console.print(f"{summary['files']} files: {summary['read']} read, {summary['unreadable']} unreadable; "
                           f"{summary['error']} errors, {summary['warning']} warnings, {summary['info']} info "
                           f"in {summary['layers']} norm layers")
@@ -155,28 +164,30 @@ def _inspect_many(targets, job: _Job, json_out: bool, fail_on: str, jobs: Option
     return 0
 
 
-def render_many(results: list) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+def render_many(results: list, reporter=None) -> None:
+    """One row per file. Dropped first when narrow: format, layers, warnings, errors; file names are never
+    cut in a pipe and shortened from the middle in a terminal."""
+    from rich.text import Text
 
-    table = Table(header_style="bold", pad_edge=False, box=None)
-    for col, kw in (("file", {"overflow": "fold"}), ("format", {}), ("layers", {"justify": "right"}),
-                    ("errors", {"justify": "right"}), ("warnings", {"justify": "right"}), ("verdict", {}),
-                    ("worst finding", {"overflow": "fold"})):
-        table.add_column(col, **kw)
+    from normcli.cli.tables import Column, print_table
+
+    columns = [Column("file", 1, name=True), Column("format", 6), Column("layers", 5, "right"),
+               Column("errors", 3, "right", short="err"), Column("warnings", 4, "right", short="warn"),
+               Column("verdict", 2), Column("worst finding", 1, name=True, short="worst")]
     colour = {"error": "red", "warning": "yellow", "info": "cyan"}
+    rows = []
     for r in results:
         if "error" in r:
-            table.add_row(escape(_printable(r["path"])), "-", "-", "-", "-", "[yellow]unreadable[/]",
-                          "[red]" + escape(_printable(r["error"])) + "[/]")
+            rows.append([_printable(r["path"]), "-", "-", "-", "-", Text("unreadable", style="yellow"),
+                         Text(_printable(r["error"]), style="red")])
             continue
         x, worst = r["report"], r["worst"]
         s = x["summary"]
         verdict = (x.get("trust") or {}).get("verdict", "-")
-        shown = "[green]ok[/]" if worst is None else f"[{colour[worst['severity']]}]{worst['code']}[/]"
-        table.add_row(escape(_printable(x["path"])), x["format"], str(s["layers"]), str(s["error"]),
-                      str(s["warning"]), verdict, shown)
-    out_console.print(table)
+        shown = Text("ok", style="green") if worst is None else Text(worst["code"], style=colour[worst["severity"]])
+        rows.append([_printable(x["path"]), x["format"], str(s["layers"]), str(s["error"]), str(s["warning"]),
+                     verdict, shown])
+    print_table(out_console, columns, rows, note_console=reporter.note if reporter else None)
 
 
 def _printable(text: str) -> str:
@@ -225,10 +236,11 @@ def _range(stats) -> str:
 
 
 def sparkline(values, width: int = 16) -> str:
-    """Per-channel values as a bar per group of channels (log scale for positive data); '!' marks NaN/Inf."""
+    """Per-channel values, one character per channel up to ``width`` characters, beyond that each character
+    the mean of a bin of neighbouring channels (log scale for positive data); '!' marks NaN/Inf."""
     import numpy as np
 
-    if values is None or values.size == 0:
+    if values is None or values.size == 0 or width < 1:
         return ""
     groups = np.array_split(values, min(width, values.size))
     out = []
@@ -248,29 +260,79 @@ def sparkline(values, width: int = 16) -> str:
     return "".join(out)
 
 
-def render(report, detail: list) -> None:
-    from rich.table import Table
+SEVERITY_COLOUR = {"error": "red", "warning": "yellow", "info": "cyan"}
+# Columns of the layer table; when it does not fit, the highest priority number goes first:
+# bias, weight, running_mean, tracked, var per channel, running_var, C, kind. layer and findings always stay.
+LAYER_COLUMNS = (("layer", 1, "left", None), ("kind", 2, "left", None), ("C", 3, "right", None),
+                 ("tracked", 6, "right", "trk"), ("running_mean", 7, "left", "mean"),
+                 ("running_var", 4, "left", "var"), ("var per channel", 5, "left", "var/ch"),
+                 ("weight", 8, "left", None), ("bias", 9, "left", None), ("findings", 1, "left", None))
+
+
+def layer_table(report):
+    """(columns, rows) of the per-layer table: every layer and all its findings' codes."""
+    from rich.text import Text
+
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column
+
+    layers = report.layers
+    var = [x.values.get("running_var") for x in layers]
+    columns = []
+    for header, priority, justify, short in LAYER_COLUMNS:
+        if header == "var per channel":
+            columns.append(Column(header, priority, justify, short=short, min_width=8,
+                                  want=lambda r: 0 if var[r] is None else int(var[r].size),
+                                  render=lambda r, w: sparkline(var[r], w)))
+        else:
+            columns.append(Column(header, priority, justify, short=short, name=header == "layer"))
+    rows = []
+    for x in layers:
+        codes = Text()
+        for f in x.findings:
+            if codes:
+                codes.append(" ")
+            codes.append(safe_text(f.code), style=SEVERITY_COLOUR[f.severity])
+        kind = x.kind + ("?" if x.inferred else "")
+        rows.append([safe_text(x.name or "(root)"), safe_text(kind), str(x.num_features),
+                     "-" if x.num_batches_tracked is None else str(x.num_batches_tracked),
+                     _range(x.running_mean), _range(x.running_var), None, _range(x.weight), _range(x.bias),
+                     codes if codes else Text("ok", style="green")])
+    return columns, rows
+
+
+def group_findings(layers) -> list[tuple[str, str, list]]:
+    """(severity, code, [(layer, finding), ...]) in order of first appearance, most severe first."""
+    from normcli.inspection import SEVERITIES
+
+    groups: dict[tuple[str, str], list] = {}
+    for x in layers:
+        for f in x.findings:
+            groups.setdefault((f.severity, f.code), []).append((x, f))
+    ordered = sorted(groups.items(), key=lambda item: SEVERITIES.index(item[0][0]))
+    return [(sev, code, members) for (sev, code), members in ordered]
+
+
+def render(report, detail: list, reporter=None) -> None:
+    from rich.text import Text
+
+    from normcli.cli.tables import output_width, print_table
 
     console = out_console
+    verbose = bool(reporter and reporter.verbose)
     title = cell(f"{report.path}  [{report.format}" + (f", weights under {report.state_dict_key!r}"
                                                           if report.state_dict_key else "") + "]")
-    table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False, box=None)
-    for col, kw in (("layer", {}), ("kind", {}), ("C", {"justify": "right"}), ("tracked", {"justify": "right"}),
-                    ("running_mean", {}), ("running_var", {}), ("var per channel", {}), ("weight", {}),
-                    ("bias", {}), ("findings", {})):
-        table.add_column(col, **kw)
-    for x in report.layers:
-        codes = []
-        for f in x.findings:
-            color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
-            codes.append(f"[{color}]{cell(f.code)}[/]")
-        kind = x.kind + ("?" if x.inferred else "")
-        table.add_row(cell(x.name or "(root)"), cell(kind), str(x.num_features),
-                      "-" if x.num_batches_tracked is None else str(x.num_batches_tracked),
-                      _range(x.running_mean), _range(x.running_var),
-                      sparkline(x.values.get("running_var")), _range(x.weight), _range(x.bias),
-                      " ".join(codes) or "[green]ok[/]")
-    console.print(table)
+    columns, rows = layer_table(report)
+    fitted = print_table(console, columns, rows, title=Text.from_markup(title),
+                         note_console=reporter.note if reporter else None)
+    spark = fitted.flex_width.get("var per channel")
+    binned = [x for x in report.layers if spark and x.values.get("running_var") is not None
+              and x.values["running_var"].size > spark]
+    if binned:
+        most = max(x.values["running_var"].size for x in binned)
+        console.print(f"var per channel: one character per channel up to {spark}; {len(binned)} layer(s) with more "
+                      f"channels are binned, each character the mean of up to {-(-most // spark)} channels",
+                      soft_wrap=True)
     for x in report.layers:
         if x.kind == "WeightNorm":
             over = "all of v" if x.norm_dim is None else f"dim {x.norm_dim}"
@@ -278,13 +340,25 @@ def render(report, detail: list) -> None:
                           f"||v|| per slice {_range(x.direction_norm)}", soft_wrap=True)
     for x in detail:
         _render_channels(console, x)
-    findings = [(x, f) for x in report.layers for f in x.findings]
-    for x, f in findings:
-        color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
-        console.print(f"[{color}]{f.severity:<7}[/] {cell(x.name)} [bold]{cell(f.code)}[/]: {cell(f.message)}",
+    width = output_width(console)
+    for severity, code, members in group_findings(report.layers):
+        color = SEVERITY_COLOUR[severity]
+        if len(members) == 1 or verbose:
+            for x, f in members:
+                console.print(f"[{color}]{severity:<7}[/] {cell(x.name)} [bold]{cell(f.code)}[/]: {cell(f.message)}",
+                              soft_wrap=True)
+            continue
+        from normcli.cli.tables import join_names
+
+        head = f"{severity:<7} {code} in {len(members)} layers: "
+        names = join_names([x.name or "(root)" for x, _ in members], None if width is None else
+                           max(20, width - len(head)))
+        console.print(f"[{color}]{severity:<7}[/] [bold]{cell(code)}[/] in {len(members)} layers: {cell(names)}",
                       soft_wrap=True)
+        first, f = members[0]
+        console.print(f"        {cell(first.name or '(root)')}: {cell(f.message)}", soft_wrap=True)
     for f in report.file_findings:
-        color = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
+        color = SEVERITY_COLOUR[f.severity]
         console.print(f"[{color}]{f.severity:<7}[/] (file) [bold]{cell(f.code)}[/]: {cell(f.message)}", soft_wrap=True)
     if report.trust:
         console.print(f"trust: {report.trust['verdict']}", style="dim")
@@ -292,9 +366,11 @@ def render(report, detail: list) -> None:
     kinds = ", ".join(f"{k} {n}" for k, n in s["kinds"].items()) or "none"
     for note in report.notes:
         console.print(f"note: {cell(note)}", style="dim")
+    grouped = any(len(m) > 1 for _, _, m in group_findings(report.layers)) and not verbose
     console.print(f"{s['layers']} norm layers ({kinds}); {s['error']} errors, {s['warning']} warnings, "
                   f"{s['info']} info" + ("; '?' marks kinds inferred from buffer names" if any(
-                      x.inferred for x in report.layers) else ""))
+                      x.inferred for x in report.layers) else "")
+                  + ("; repeated findings grouped (-v lists each)" if grouped else ""), soft_wrap=True)
 
 
 def _render_channels(console, x) -> None:

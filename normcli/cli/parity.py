@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from normcli.cli.common import DebugOption, JsonOption, out_console, print_json, safe_text
+from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 # the library defaults (normcli.parity), repeated so that --help shows them without importing numpy
 DEFAULT_ATOL = 1e-4
@@ -39,6 +40,8 @@ def parity(
     provider: Optional[str] = typer.Option(None, "--provider", metavar="NAME",
                                            help="onnxruntime execution provider (cpu, cuda, ...). Default: cpu."),
     json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Check an ONNX model against stored inputs and expected outputs in onnxruntime (no torch needed)."""
@@ -50,38 +53,61 @@ def parity(
     if stat is not None and stat not in CHECK_STATS:
         raise NormcliError(f"--check-error-stat must be one of {', '.join(CHECK_STATS)}, not {check_error_stat!r}")
     check_readable(model)
-    result = check_golden(model, inputs, expected, atol=atol, rtol=rtol, check_stat=stat, quantile=error_quantile,
-                          provider=provider)
+    with Reporter("parity", quiet, verbose, announce=False) as reporter:
+        reporter.stage(f"running {model} in onnxruntime")
+        result = check_golden(model, inputs, expected, atol=atol, rtol=rtol, check_stat=stat,
+                              quantile=error_quantile, provider=provider)
     if json_out:
         print_json({"model": result.model, "passed": result.passed, "atol": result.atol, "rtol": result.rtol,
                     "samples": result.samples, "provider": result.provider, "check_error_stat": result.check_stat,
                     "outputs": result.outputs}, schema="parity")
     else:
-        render(result)
+        render(result, reporter)
     if not result.passed:
         failed = [o.name for o in result.outputs if not o.passed]
         raise CheckFailed(f"parity failed on {', '.join(failed)}: {model} differs from {expected} beyond "
                           f"atol={atol:g}, rtol={rtol:g}" + (f" ({stat} error)" if stat else ""))
 
 
-def render(result) -> None:
+def render(result, reporter=None) -> None:
     out_console.print(f"{result.model}: {result.samples} sample(s) on {result.provider}, atol {result.atol:g}, "
                       f"rtol {result.rtol:g}" + (f", checking the {result.check_stat} error" if result.check_stat
-                                                 else ", every element"), markup=False)
-    out_console.print(metrics_table(result.outputs), soft_wrap=True, markup=False)
+                                                 else ", every element"), markup=False, soft_wrap=True)
+    print_metrics_table(result.outputs, note=reporter.note if reporter else None)
+
+
+# When narrow, dropped first: median abs, p99 abs, mean abs, need rtol, cosine, top-1, max rel, need atol;
+# output, max abs and result always stay.
+METRIC_COLUMNS = (("output", 1, "left", None), ("max abs", 1, "right", None), ("max rel", 3, "right", None),
+                  ("mean abs", 7, "right", None), ("median abs", 9, "right", "median"),
+                  ("p99 abs", 8, "right", "p99"), ("cosine", 5, "right", "cos"),
+                  ("need atol", 2, "right", "atol?"), ("need rtol", 6, "right", "rtol?"),
+                  ("top-1", 4, "right", None), ("result", 1, "left", None))
+
+
+def metrics_rows(outputs) -> list[list[str]]:
+    rows = []
+    for o in outputs:
+        verdict = "ok" if o.passed else (o.problem or f"FAIL ({o.mismatched}/{o.elements})")
+        rows.append([safe_text(o.name), _e(o.max_abs), _e(o.max_rel), _e(o.mean_abs), _e(o.median_abs),
+                     _e(o.p99_abs), _f(o.cosine), _e(o.required_atol), _e(o.required_rtol),
+                     "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", safe_text(verdict)])
+    return rows
+
+
+def print_metrics_table(outputs, console=None, note=None) -> None:
+    """One row per output: the errors, the tolerance that would have passed, agreement, the verdict; fitted to
+    the width (output names never cut in a pipe)."""
+    from normcli.cli.tables import Column, print_table
+
+    columns = [Column(h, p, j, short=s, name=h in ("output", "result")) for h, p, j, s in METRIC_COLUMNS]
+    print_table(console or out_console, columns, metrics_rows(outputs), note_console=note)
 
 
 def metrics_table(outputs) -> str:
-    """One row per output: the errors, the tolerance that would have passed, agreement, the verdict."""
-    header = ["output", "max abs", "max rel", "mean abs", "median abs", "p99 abs", "cosine", "need atol",
-              "need rtol", "top-1", "result"]
-    rows = [header]
-    for o in outputs:
-        verdict = "ok" if o.passed else (o.problem or f"FAIL ({o.mismatched}/{o.elements})")
-        rows.append([safe_text(o.name), _e(o.max_abs), _e(o.max_rel), _e(o.mean_abs), _e(o.median_abs), _e(o.p99_abs),
-                     _f(o.cosine), _e(o.required_atol), _e(o.required_rtol),
-                     "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", safe_text(verdict)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    """The metrics table as plain text at full width (every column)."""
+    rows = [[h for h, *_ in METRIC_COLUMNS], *metrics_rows(outputs)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                      for r in rows)
 

@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, err_console, jsonable,
-                                out_console, parse_arch_kwargs, parse_shape, print_json)
+from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, JsonOption, jsonable, out_console,
+                                parse_arch_kwargs, parse_shape, print_json)
+from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 
 def recalibrate(
@@ -44,6 +45,8 @@ def recalibrate(
     std: Optional[str] = typer.Option(None, "--std", metavar="S[,S,S]", help="Images: per-channel std divided by."),
     json_out: bool = JsonOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Re-estimate BatchNorm-family running statistics from data; write the checkpoint back in its layout.
@@ -62,22 +65,26 @@ def recalibrate(
 
     if forward not in FORWARD_MODES:
         raise NormcliError(f"--forward {forward!r} is not one of {', '.join(FORWARD_MODES)}")
+    reporter = Reporter("recalibrate", quiet, verbose)
     started = _init_distributed()
     try:
         rank = _rank()
-        progress = _Progress() if rank == 0 else None
-        report = recalibrate_file(path, data, output, arch=arch, arch_kwargs=kwargs, key=key, batches=batches,
-                                  batch_size=batch_size, call=call, include=include or None,
-                                  exclude=exclude or None, forward=forward, resize=size,
-                                  mean=_floats(mean, "--mean"), std=_floats(std, "--std"), force=force,
-                                  progress=progress)
+        progress = _Progress(reporter) if rank == 0 else None
+        with reporter if rank == 0 else _nothing():
+            if rank == 0:
+                reporter.stage(f"loading {path} and {data}", log=False)
+            report = recalibrate_file(path, data, output, arch=arch, arch_kwargs=kwargs, key=key, batches=batches,
+                                      batch_size=batch_size, call=call, include=include or None,
+                                      exclude=exclude or None, forward=forward, resize=size,
+                                      mean=_floats(mean, "--mean"), std=_floats(std, "--std"), force=force,
+                                      progress=progress)
         if progress is not None:
             progress.done(report)
         if rank == 0:
             if json_out:
                 print_json(report_json(report), schema="recalibrate")
             else:
-                render(report)
+                render(report, reporter)
     finally:
         if started:
             _finish_distributed()
@@ -129,32 +136,42 @@ def _rank() -> int:
 
 
 class _Progress:
-    """Batches and samples per second on stderr: a live line on a terminal, a line every few seconds otherwise."""
+    """Batches and samples per second: on the reporter's live line in a terminal; without a terminal, a stage
+    line when the first batch starts and a line every 30 seconds after (5 with --verbose)."""
 
-    def __init__(self):
-        self.tty = err_console.is_terminal
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
         self.last = 0.0
+        self.running = False
 
     def __call__(self, batches: int, samples: int, seconds: float) -> None:
         now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 5.0):
+        if not self.running:
+            self.running = True
+            self.last = now
+            self.reporter.stage("running the data through the model")
+        rate = samples / seconds if seconds > 0 else 0.0
+        line = f"{batches} batches, {samples} samples, {rate:.1f} samples/s"
+        self.reporter.update(line)
+        # a log line every 30 s (5 s with --verbose) while the batches run
+        if self.reporter.tty or self.reporter.quiet or now - self.last < (5.0 if self.reporter.verbose else 30.0):
             return
         self.last = now
-        rate = samples / seconds if seconds > 0 else 0.0
-        line = f"recalibrating: {batches} batches, {samples} samples, {rate:.1f} samples/s"
-        if self.tty:
-            err_console.file.write("\r" + line)
-            err_console.file.flush()
-        else:
-            err_console.print(line, soft_wrap=True)
+        self.reporter._plain(f"[recalibrate {self.reporter.elapsed():.1f}s] {line}")
 
     def done(self, report) -> None:
-        if self.tty and self.last:
-            err_console.file.write("\n")
         rate = report.samples / report.seconds if report.seconds > 0 else 0.0
         ranks = f" on {report.world_size} ranks" if report.world_size > 1 else ""
-        err_console.print(f"recalibrated {len(report.layers)} norm layers from {report.batches} batches, "
-                          f"{report.samples} samples{ranks} in {report.seconds:.1f} s ({rate:.1f} samples/s)", soft_wrap=True)
+        self.reporter.note(f"recalibrated {len(report.layers)} norm layers from {report.batches} batches, "
+                           f"{report.samples} samples{ranks} in {report.seconds:.1f} s ({rate:.1f} samples/s)")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 def report_json(report) -> dict:
@@ -162,23 +179,29 @@ def report_json(report) -> dict:
     return doc
 
 
-def render(report) -> None:
+def render(report, reporter=None) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title="recalibrated norm layers", title_justify="left", header_style="bold", box=None,
-                  pad_edge=False)
-    for col in ("layer", "kind", "mean before", "mean after", "var before", "var after", "mean shift",
-                "var ratio"):
-        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
-    for layer in report.layers:
-        def rng(stats):
-            return "-" if stats is None else f"{stats['min']:.3g}..{stats['max']:.3g}"
-        table.add_row(escape(layer.name), layer.kind, rng(layer.before["running_mean"]),
-                      rng(layer.after["running_mean"]), rng(layer.before["running_var"]),
-                      rng(layer.after["running_var"]), f"{layer.mean_shift:.3g}",
-                      f"{layer.var_ratio['min']:.3g}..{layer.var_ratio['max']:.3g}")
-    out_console.print(table)
+    from normcli.cli.common import safe_text
+
+    from normcli.cli.tables import Column, print_table
+
+    # when narrow, dropped first: var before, mean before, kind, var after, mean after; layer, mean shift and
+    # var ratio stay
+    columns = [Column("layer", 1, name=True), Column("kind", 6), Column("mean before", 7, "right", "mean0"),
+               Column("mean after", 4, "right", "mean1"), Column("var before", 8, "right", "var0"),
+               Column("var after", 5, "right", "var1"), Column("mean shift", 2, "right", "shift"),
+               Column("var ratio", 3, "right", "ratio")]
+
+    def rng(stats):
+        return "-" if stats is None else f"{stats['min']:.3g}..{stats['max']:.3g}"
+
+    rows = [[safe_text(layer.name), safe_text(layer.kind), rng(layer.before["running_mean"]),
+             rng(layer.after["running_mean"]), rng(layer.before["running_var"]), rng(layer.after["running_var"]),
+             f"{layer.mean_shift:.3g}", f"{layer.var_ratio['min']:.3g}..{layer.var_ratio['max']:.3g}"]
+            for layer in report.layers]
+    print_table(out_console, columns, rows, title="recalibrated norm layers",
+                note_console=reporter.note if reporter else None)
     for s in report.skipped:
         out_console.print(f"[yellow]skipped[/] {escape(s['name'])}: {escape(s['reason'])}", soft_wrap=True)
     for label, findings in (("before", report.findings_before), ("after", report.findings_after)):

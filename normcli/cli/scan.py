@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from normcli.cli.common import DebugOption, out_console
+from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 FORMATS = ("table", "json", "sarif")
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -32,6 +33,8 @@ def scan(
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) on needs-classes too, not only unsafe."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", metavar="N",
                                        help="Worker processes (default: the number of cores)."),
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> int:
     """Say for every file whether loading it could run code: safe, needs-classes, unsafe or unreadable."""
@@ -45,13 +48,16 @@ def scan(
         if json_out and fmt != "json":
             raise NormcliError(f"--json and --format {fmt} contradict each other; give one")
     fmt = fmt or ("json" if json_out else "table")
+    reporter = Reporter("scan", quiet, verbose, announce=False)
     targets = discover(paths, include_pickles=True)
     if not targets:
         raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
                            "recognised by content); give a checkpoint file or another directory"
                            if len(paths) == 1 and os.path.isdir(paths[0])
                            else f"no checkpoint found in {', '.join(paths)}")
-    results = run_all(_assess, [t.path for t in targets], jobs, _crashed)
+    with reporter:
+        reporter.stage(f"judging {len(targets)} file(s)")
+        results = run_all(_assess, [t.path for t in targets], jobs, _crashed)
     if fmt == "json":
         from normcli.cli.common import print_json
 
@@ -65,7 +71,7 @@ def scan(
         # SARIF has its own (OASIS) schema; tests/test_scan.py checks the log against its required parts
         sys.stdout.write(json.dumps(jsonable(sarif_log(results)), indent=2) + "\n")
     else:
-        render(results)
+        render(results, reporter)
     return exit_code(results, strict)
 
 
@@ -149,16 +155,18 @@ def sarif_log(results) -> dict:
     }
 
 
-def render(results) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+def render(results, reporter=None) -> None:
+    """One row per file. When narrow, format goes first, then why; file names and reasons are never cut in a
+    pipe and shortened from the middle in a terminal."""
+    from rich.text import Text
 
+    from normcli.cli.tables import Column, print_table
     from normcli.trust import describe_globals
 
     colour = {"safe": "green", "needs-classes": "cyan", "unsafe": "red", "unreadable": "yellow"}
-    table = Table(header_style="bold", pad_edge=False, box=None)
-    for col in ("file", "format", "verdict", "why"):
-        table.add_column(col, overflow="fold")
+    columns = [Column("file", 1, name=True), Column("format", 3), Column("verdict", 1),
+               Column("why", 2, name=True)]
+    rows = []
     for r in results:
         if r.verdict == "unsafe":
             why = "runs code: " + describe_globals(r, "code")
@@ -168,9 +176,8 @@ def render(results) -> None:
             why = r.reason or ""
         else:
             why = "only tensors and plain containers"
-        table.add_row(escape(_printable(r.path)), r.format or "-", f"[{colour[r.verdict]}]{r.verdict}[/]",
-                      escape(_printable(why)))
-    out_console.print(table)
+        rows.append([_printable(r.path), r.format or "-", Text(r.verdict, style=colour[r.verdict]), _printable(why)])
+    print_table(out_console, columns, rows, note_console=reporter.note if reporter else None)
     counts = {v: sum(1 for r in results if r.verdict == v) for v in colour}
     out_console.print(", ".join(f"{n} {v}" for v, n in counts.items() if n) + f" ({len(results)} files)")
 

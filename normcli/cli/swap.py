@@ -10,9 +10,14 @@ from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailO
                                 UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
                                 parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings)
 
+from normcli.cli.output import QuietOption, Reporter, VerboseOption, cli_spelling
 from normcli.swap import SWAP_TARGETS, resolve_options  # the registry itself imports no torch
 
 TO_HELP = "Target: " + "; ".join(f"{name}: {t.summary}" for name, t in SWAP_TARGETS.items()) + "."
+# the library's option names as this command spells them, for its messages
+OPTION_SPELLING = {"learnable_eps": "--learnable-eps", "B": "--B", "real_B": "--real-B",
+                   "warmup_iters": "--warmup-iters", "momentum": "--momentum", "cenconv": "--cenconv",
+                   "groups": "--groups"}
 EXACT_REL = 1e-5  # an eval-exact swap (mabn, bn, syncbn, frozen) must not change the output beyond rounding
 
 
@@ -32,7 +37,8 @@ def swap(
              "order; more are more configurations). Default: guessed from the first conv/linear layer."),
     input_file: Optional[List[str]] = typer.Option(
         None, "--input", metavar="FILE",
-        help="Probe on this tensor (.npy or torch.save) instead of random samples; repeat per input."),
+        help="Probe on this data instead of random samples (.npy, .npz, .pt read safely, .safetensors, or an "
+             "image; the readers of recalibrate --data); repeat per input."),
     learnable_eps: Optional[bool] = typer.Option(None, "--learnable-eps/--fixed-eps",
                                                  help="frn: learnable eps (also swaps BatchNorm1d after Linear)."),
     batch: Optional[int] = typer.Option(None, "--B", help="mabn: batch size one step sees (default 2)."),
@@ -52,6 +58,8 @@ def swap(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     key: Optional[str] = typer.Option(None, "--key", help="Entry of a nested checkpoint that holds the weights."),
     limit: Optional[List[str]] = LimitOption,
+    quiet: bool = QuietOption,
+    verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Replace BatchNorm with FRN + TLU, MABN, BatchNorm/SyncBatchNorm, FrozenBatchNorm or GroupNorm, and write it."""
@@ -63,11 +71,13 @@ def swap(
     target = SWAP_TARGETS[to]
     given = {"learnable_eps": learnable_eps, "B": batch, "real_B": real_batch, "warmup_iters": warmup_iters,
              "momentum": momentum, "cenconv": cenconv, "groups": groups}
-    foreign = [k for k, v in given.items() if v is not None and k not in target.defaults]
+    foreign = [OPTION_SPELLING[k] for k, v in given.items() if v is not None and k not in target.defaults]
     if foreign:
         raise NormcliError(f"--to {to} does not take {', '.join(foreign)}; those options belong to another target")
     options = {k: v for k, v in given.items() if k in target.defaults}
-    resolve_options(to, options)  # an impossible value fails here, before the model is loaded
+    with cli_spelling(OPTION_SPELLING):
+        resolve_options(to, options)  # an impossible value fails here, before the model is loaded
+    reporter = Reporter("swap", quiet, verbose)
 
     fail_on = parse_fail_on(fail_on)
     check_inputs_first(path, *(input_file or []))
@@ -85,6 +95,7 @@ def swap(
     kwargs = parse_arch_kwargs(arch_kwargs)
 
     from normcli.loading import load_model
+    from normcli.data import read_input_tensors
 
     from normcli.formats import open_checkpoint
     from normcli.limits import parse_limits
@@ -109,17 +120,17 @@ def swap(
         raise NormcliError(f"{path} is a {kind} cannot be swapped{classes}; swap its weights in your model code "
                            f"instead: pass --arch package.module:callable{extra} (the class that built it)")
     # torch is imported only once the file is known to be loadable: a refused file says so without waiting for it
+    reporter.stage(f"loading {path}", log=False)
     loaded = load_model(checkpoint, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key, limits=limits)
 
     import torch
 
     from normcli.inputs import input_configurations
-    from normcli.parity import load_input_file
     from normcli.preflight import judge, model_findings
     from normcli.swap import selection_reason, swap_norms
 
     model = loaded.model.eval()
-    tensors = [load_input_file(f) for f in input_file or []]
+    tensors = [t for f in input_file or [] for t in read_input_tensors(f)]
     if shapes:
         input_configurations(shapes, model, "--input-shape")  # a count that does not fit is a usage error
     if tensors:
@@ -130,13 +141,13 @@ def swap(
     findings = model_findings(loaded)
     stopping = judge(findings, fail_on, lambda name: target.carries_running_stats
                      or selection_reason(name, include, exclude) is not None)
+    reporter.pause()
     if not json_out:
-        render_findings(findings, "swap")
+        render_findings(findings, "swap", verbose, quiet)
     if stopping:
         _stop(findings, stopping, path, fail_on, to, json_out, "before swapping")
 
-    if not json_out:
-        err_console.print(f"swapping BatchNorm for {to} in {path} ...")
+    reporter.stage(f"swapping BatchNorm for {to}")
     result, report = swap_norms(model, to, include=include, exclude=exclude,
                                 input_shapes=shapes or None, inputs=tensors or None, **options)
 
@@ -151,6 +162,7 @@ def swap(
     failures = _failed_checks(report)
     doc = _report_json(report, None if failures else str(out), findings)
     if not failures:
+        reporter.stage(f"writing {out}")
         with atomic_output(out) as tmp:
             if loaded.flavour == "state_dict":
                 # swap_norms(the same arch, to, **options) rebuilds the module this state dict loads into
@@ -160,6 +172,7 @@ def swap(
                            tmp)
             else:
                 torch.save(result, tmp)
+    reporter.close()
     if json_out:
         print_json(doc, schema="swap")
     else:
@@ -224,16 +237,13 @@ def _report_json(report, output: str | None, findings) -> dict:
 
 
 def _render(report, output: str | None) -> None:
-    from rich.table import Table
-
     console = out_console
-    table = Table(title=f"swap to {report.to}", title_justify="left", header_style="bold", box=None,
-                  pad_edge=False)
-    for col in ("layer", "from", "to"):
-        table.add_column(col)
-    for r in report.replaced:
-        table.add_row(cell(r["name"]), cell(r["from"]), cell(r["to"]))
-    console.print(table)
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column, print_table
+
+    print_table(console, [Column("layer", 1, name=True), Column("from", 3), Column("to", 2)],
+                [[safe_text(r[k]) for k in ("name", "from", "to")] for r in report.replaced],
+                title=f"swap to {report.to}")
     for s in report.skipped:
         console.print(f"[yellow]skipped[/] {cell(s['name'])}: {cell(s['reason'])}", soft_wrap=True)
     if report.absorbed_activations:

@@ -1,0 +1,129 @@
+"""How fuse-export shows its parity check: the per-output metrics table, the first diverging module, the layers
+that lose precision, the golden files; and the same as JSON."""
+
+from __future__ import annotations
+
+from normcli.cli.common import cell, jsonable
+
+# the metrics of one output that the contract names, in its order; the rest of OutputMetrics follows them
+OUTPUT_KEYS = ("name", "max_abs", "max_rel", "mean_abs", "median_abs", "p99_abs", "cosine", "required_atol",
+               "required_rtol", "top1_agreement", "top5_agreement")
+INTERMEDIATES_SHOWN = 12   # rows of the per-module table in the terminal (JSON has them all)
+
+
+def parity_json(report) -> dict:
+    """fuse-export's ``parity`` object."""
+    parity, diagnosis = report.parity, report.diagnosis
+    outputs = []
+    for o in parity.outputs:
+        entry = jsonable(o)
+        outputs.append({**{k: entry[k] for k in OUTPUT_KEYS}, **{k: v for k, v in entry.items() if k not in OUTPUT_KEYS}})
+    first = None
+    if diagnosis is not None and diagnosis.first is not None:
+        f = diagnosis.first
+        first = {"module": f["module"], "max_abs": f["max_abs"], "max_rel": f["max_rel"], "call": f["call"],
+                 "onnx_value": f["onnx_value"], "mean_abs": f["mean_abs"], "rel_rms": f["rel_rms"]}
+    return jsonable({
+        "passed": parity.passed, "atol": parity.atol, "rtol": parity.rtol, "samples": parity.samples,
+        "check_error_stat": parity.check_stat,
+        "error_quantile": parity.quantile if parity.check_stat == "quantile" else None,
+        "provider": parity.provider, "precision": report.precision,
+        "outputs": outputs,
+        "first_divergence": first,
+        "intermediates": diagnosis.modules if diagnosis is not None else None,
+        "intermediates_reason": diagnosis.reason if diagnosis is not None else None,
+        "unmatched_modules": diagnosis.unmatched if diagnosis is not None else None,
+        "intermediates_error": diagnosis.error if diagnosis is not None else None,
+        "precision_losses": diagnosis.precision_losses if diagnosis is not None else [],
+        "saved_inputs": report.saved_inputs, "saved_outputs": report.saved_outputs,
+    })
+
+
+def _num(x) -> str:
+    if x is None:
+        return "-"
+    if x != x or x in (float("inf"), float("-inf")):
+        return str(x)
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _cos(x) -> str:
+    return "nan" if x != x else f"{x:.6f}"
+
+
+def render_parity(console, report) -> None:
+    """The parity lines and the per-output table."""
+    from rich.table import Table
+
+    parity = report.parity
+    rule = {None: "every element", "quantile": f"the {parity.quantile:g} quantile of the errors"}.get(
+        parity.check_stat, f"the {parity.check_stat} error")
+    console.print(f"parity in onnxruntime ({cell(parity.provider)}), {report.precision} export, original torch "
+                  f"model as reference: {parity.samples} samples, atol {parity.atol:g}, rtol {parity.rtol:g}, "
+                  f"checking {rule}", soft_wrap=True)
+    if report.reference != "the original model":
+        console.print(f"reference: {cell(report.reference)}", soft_wrap=True)
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    columns = ("output", "max abs", "max rel", "mean abs", "median abs", "p99 abs", "cosine", "need atol",
+               "need rtol", "top-1", "top-5", "mismatched", "")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("output", "") else "right")
+    for o in parity.outputs:
+        verdict = "[green]ok[/]" if o.passed else f"[red]FAIL[/] {cell(o.problem or '')}"
+        table.add_row(cell(o.name), _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), _num(o.median_abs),
+                      _num(o.p99_abs), _cos(o.cosine), _num(o.required_atol), _num(o.required_rtol),
+                      _share(o.top1_agreement), _share(o.top5_agreement), f"{o.mismatched}/{o.elements}", verdict)
+    console.print(table)
+
+
+def render_diagnosis(console, report) -> None:
+    """The first diverging module, the per-module errors, the layers that lose precision."""
+    from rich.table import Table
+
+    d = report.diagnosis
+    if d is None:
+        return
+    if d.error:
+        console.print(f"[yellow]could not compare the intermediate values[/] ({cell(d.reason)}): {cell(d.error)}",
+                      soft_wrap=True)
+        return
+    console.print(f"intermediate values ({cell(d.reason)}): {len(d.modules)} module call(s) matched, "
+                  f"{len(d.unmatched)} without an ONNX value of their shape", soft_wrap=True)
+    if d.first is not None:
+        f = d.first
+        call = f" (call {f['call'] + 1})" if f["call"] else ""
+        console.print(f"[red]first diverging module[/]: {cell(f['module'])}{call}, max abs {_num(f['max_abs'])}, "
+                      f"max rel {_num(f['max_rel'])} (ONNX value {cell(f['onnx_value'])})", soft_wrap=True)
+    elif d.modules:
+        console.print("[green]every matched module agrees[/] within the tolerances", soft_wrap=True)
+    rows = d.modules
+    if d.first is not None:  # the rows around the culprit say the most
+        at = next(i for i, m in enumerate(rows) if m is d.first or m == d.first)
+        rows = rows[max(0, at - INTERMEDIATES_SHOWN // 2):][:INTERMEDIATES_SHOWN]
+    else:
+        rows = rows[-INTERMEDIATES_SHOWN:]
+    if rows and (report.diagnosis.reason != "--precision fp16" or d.first is not None):
+        table = Table(header_style="bold", box=None, pad_edge=False)
+        for col in ("module", "max abs", "max rel", "rel rms", ""):
+            table.add_column(col, justify="left" if col in ("module", "") else "right")
+        for m in rows:
+            call = f" (call {m['call'] + 1})" if m["call"] else ""
+            table.add_row(cell(m["module"] + call), _num(m["max_abs"]), _num(m["max_rel"]), _num(m["rel_rms"]),
+                          "[green]ok[/]" if m["passed"] else "[red]out of tolerance[/]")
+        console.print(table)
+        if len(rows) < len(d.modules):
+            console.print(f"({len(d.modules) - len(rows)} more in --json)", style="dim")
+    if d.precision_losses:
+        names = ", ".join(f"{cell(m['module'])} (+{m['added_rel_rms']:.2e})" for m in d.precision_losses)
+        console.print(f"layers losing the most precision in float16 (relative RMS error added): {names}",
+                      soft_wrap=True)
+
+
+def render_golden(console, report) -> None:
+    for what, path in (("inputs", report.saved_inputs), ("torch outputs", report.saved_outputs)):
+        if path:
+            console.print(f"wrote the {what} to {cell(path)} (normcli parity --inputs/--expected)", soft_wrap=True)
