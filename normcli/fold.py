@@ -826,7 +826,42 @@ def _get_attr(gm: nn.Module, target: str):
 
 
 def _fold_export(ep, model: nn.Module, report: FoldReport) -> nn.Module:
-    gm = ep.module()
+    gm = _fold_graph(ep.module(), report)
+    _report_uncalled_export(model, {r["norm"] for r in report.folded + report.unfolded}, report)
+    return gm
+
+
+# batch-norm ops that normalise with the batch's own statistics: never foldable, always reported
+_BATCH_STAT_NORMS = ("_native_batch_norm_legit", "_native_batch_norm_legit_functional", "native_batch_norm",
+                     "cudnn_batch_norm", "miopen_batch_norm")
+# other norm ops a graph can hold: not a per-channel affine map of the input in eval
+_OTHER_NORMS = {"layer_norm": "LayerNorm", "native_layer_norm": "LayerNorm", "group_norm": "GroupNorm",
+                "native_group_norm": "GroupNorm", "instance_norm": "InstanceNorm", "rms_norm": "RMSNorm",
+                "_fused_rms_norm": "RMSNorm"}
+
+
+def _aten_targets(names) -> dict:
+    found = {}
+    for name in names:
+        if hasattr(torch.ops.aten, name):
+            for overload in _overloads(name):
+                found[overload] = name
+    return found
+
+
+def _graph_norm_name(node: fx.Node) -> str:
+    """The module path of a norm op: the owner of its running statistics or weight, else torch.export's stack."""
+    for arg in node.args[1:5]:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and "." in arg.target:
+            return arg.target.rsplit(".", 1)[0]
+    return _stack_name(node)
+
+
+def _fold_graph(gm: fx.GraphModule, report: FoldReport) -> fx.GraphModule:
+    """Fold on an aten-level graph (a torch.export module, or TorchScript converted to one), in place.
+
+    Every norm op the graph holds ends up in ``report`` once: folded, or unfolded with its reason.
+    """
     aten = torch.ops.aten
     graph = gm.graph
     attr_users: Counter = Counter()
@@ -840,9 +875,22 @@ def _fold_export(ep, model: nn.Module, report: FoldReport) -> nn.Module:
     def attr_target(arg) -> Optional[str]:
         return arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
+    batch_stat_norms = _aten_targets(_BATCH_STAT_NORMS)
+    other_norms = _aten_targets(_OTHER_NORMS)
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (
-                aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+        if node.op != "call_function":
+            continue
+        if node.target in batch_stat_norms or node.target in other_norms:
+            name = _graph_norm_name(node)
+            if name not in seen_norms:
+                seen_norms.add(name)
+                reason = ("it normalises with each batch's own statistics (the graph was captured in training "
+                          "mode)" if node.target in batch_stat_norms else
+                          f"{_OTHER_NORMS[other_norms[node.target]]} normalises each sample with its own "
+                          "statistics, so it is not a fixed per-channel affine map")
+                report.unfolded.append({"norm": name, "reason": reason})
+            continue
+        if node.target not in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             continue
         if node.target == aten.batch_norm.default:
             x, gamma, beta, mean, var, training, _momentum, eps = node.args[:8]
@@ -852,7 +900,9 @@ def _fold_export(ep, model: nn.Module, report: FoldReport) -> nn.Module:
             training = False
             out_nodes = list(node.users)
         mean_t, var_t = attr_target(mean), attr_target(var)
-        name = mean_t.rsplit(".", 1)[0] if mean_t else _stack_name(node)
+        name = mean_t.rsplit(".", 1)[0] if mean_t else _graph_norm_name(node)
+        if name in seen_norms:  # one norm module called at several places: its first call reported it
+            continue
         seen_norms.add(name)
         if training or mean_t is None or var_t is None:
             report.unfolded.append({"norm": name, "reason": "it normalises with each batch's own statistics"})
@@ -952,7 +1002,6 @@ def _fold_export(ep, model: nn.Module, report: FoldReport) -> nn.Module:
         _drop_norm_state(gm, norm)
     graph.lint()
     gm.recompile()
-    _report_uncalled_export(model, seen_norms, report)
     return gm
 
 
@@ -987,10 +1036,14 @@ def _report_uncalled_export(model: nn.Module, seen: set, report: FoldReport) -> 
 
 
 def _export(model: nn.Module, example_inputs: tuple):
-    """torch.export with a symbolic batch dimension where the model allows it, else static shapes."""
+    """torch.export with symbolic dimensions where the model allows them, else static shapes.
+
+    Every dimension may stay symbolic (Dim.AUTO specialises the ones the model fixes), so the folded module
+    runs at the other batch sizes and spatial sizes the original runs at.
+    """
     from torch.export import Dim
 
-    dynamic = tuple({0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+    dynamic = tuple({d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
                     for t in example_inputs)
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=dynamic)
@@ -1031,7 +1084,58 @@ def fold_batchnorm(
         except Exception as exc:
             raise NormcliError(f"cannot copy the model to fold it ({exc}); pass inplace=True to fold the "
                                "model itself") from exc
+    # every norm layer is accounted for: those the fold does not handle are listed with the reason below
+    norms = _norm_layers(model)
+    folded, report = _fold_any(model, example_inputs)
+    _report_other_norms(norms, report)
+    return folded, report
+
+
+# norms that normalise each sample with that sample's own statistics: no fixed per-channel affine map to fold
+_PER_SAMPLE_NORMS = {"GroupNorm", "LayerNorm", "RMSNorm", "LocalResponseNorm", "FilterResponseNorm1d",
+                     "FilterResponseNorm2d", "FilterResponseNorm3d"}
+
+
+def _norm_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, class name) of every norm layer of ``model`` (a TorchScript module names the class it was
+    scripted from); a module unlifted from a torch.export archive holds none as modules."""
+    from normcli.inspection import NORM_CLASSES
+
+    if _is_aten_graph(model):
+        return []
+    out = []
+    for name, module in model.named_modules():
+        kind = getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+        kind = kind or type(module).__name__
+        if name and kind in NORM_CLASSES:
+            out.append((name, kind))
+    return out
+
+
+def _report_other_norms(norms: list[tuple[str, str]], report: FoldReport) -> None:
+    seen = {r["norm"] for r in report.folded + report.unfolded}
+    for name, kind in norms:
+        if name in seen:
+            continue
+        if kind in _PER_SAMPLE_NORMS:
+            reason = (f"{kind} normalises each sample with that sample's own statistics, so it is not a fixed "
+                      "per-channel affine map; left in place")
+        else:
+            reason = f"the fold does not handle {kind}; left in place"
+        report.unfolded.append({"norm": name, "reason": reason})
+
+
+def _fold_any(model: nn.Module, example_inputs: Optional[tuple]) -> tuple[nn.Module, FoldReport]:
     report = FoldReport()
+    if isinstance(model, torch.jit.ScriptModule):
+        return _fold_torchscript(model, example_inputs, report)
+    if _is_aten_graph(model):
+        # a module unlifted from a torch.export archive: its norms are aten ops in the graph, not modules
+        folded = _fold_graph(model, report)
+        _report_unused_graph_norms(model, report)
+        report.method = "export"
+        report.note = "a torch.export module: folded on its graph"
+        return folded, report
     try:
         traced = _trace(model)
     except Exception as exc:  # any tracing failure: fall back below
@@ -1072,3 +1176,84 @@ def _nothing_folded(model: nn.Module, why: str) -> FoldReport:
         if is_foldable_norm(module):
             report.unfolded.append({"norm": name, "reason": f"not folded: {why}"})
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules that already are graphs: torch.export modules (.pt2) and TorchScript
+
+
+def _is_aten_graph(model: nn.Module) -> bool:
+    """A GraphModule of aten ops (what ``torch.export.load(...).module()`` returns), not a torch.fx trace."""
+    return isinstance(model, fx.GraphModule) and any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
+
+
+def _reported(report: FoldReport) -> set:
+    return {r["norm"] for r in report.folded + report.unfolded}
+
+
+def _report_unused_graph_norms(gm: nn.Module, report: FoldReport) -> None:
+    """Norm state the module holds (running statistics) that no op of its graph reads."""
+    seen = _reported(report)
+    for name, module in gm.named_modules():
+        buffers = dict(module.named_buffers(recurse=False))
+        if name and name not in seen and "running_mean" in buffers and "running_var" in buffers:
+            report.unfolded.append({"norm": name, "reason": "the graph never uses it; left as is"})
+
+
+def _script_norms(model) -> list[str]:
+    """Names of the norm modules in a TorchScript module, by the class each was scripted from."""
+    from normcli.inspection import NORM_CLASSES
+
+    return [name for name, module in model.named_modules()
+            if name and getattr(module, "original_name", type(module).__name__) in NORM_CLASSES]
+
+
+def _fold_torchscript(model, example_inputs: Optional[tuple], report: FoldReport):
+    """Convert TorchScript to a torch.export graph (torch's TS2EPConverter) and fold on that graph.
+
+    The result is a GraphModule that computes what the TorchScript computes (the caller's checks compare the
+    two). Where the conversion is impossible, the TorchScript module is returned as is and every norm in it
+    is reported unfolded with the reason.
+    """
+    import warnings
+
+    norms = _script_norms(model)
+
+    def nothing(why: str):
+        report.method = "none"
+        report.note = why
+        for name in norms:
+            report.unfolded.append({"norm": name, "reason": f"not folded: {why}"})
+        return model, report
+
+    if example_inputs is None:
+        return nothing("TorchScript is folded on a torch.export graph converted from it, which needs "
+                       "example inputs; pass example_inputs")
+    from torch._export.converter import TS2EPConverter
+
+    # a batch of 2 keeps the batch dimension symbolic in the converted graph (a batch of 1 is specialised)
+    single = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in example_inputs]
+    candidates = [example_inputs]
+    if any(single):
+        candidates.insert(0, tuple(torch.cat([t, t]) if one else t for t, one in zip(example_inputs, single)))
+    errors = []
+    for sample in candidates:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the converter warns about every unused num_batches_tracked
+                gm = TS2EPConverter(model, sample).convert().module()
+            break
+        except Exception as exc:
+            errors.append(describe(exc))
+    else:
+        return nothing(f"the TorchScript could not be converted to a torch.export graph ({errors[-1]}); "
+                       "left in the TorchScript module")
+    gm = _fold_graph(gm, report)
+    seen = _reported(report)
+    for name in norms:
+        if name not in seen:
+            report.unfolded.append({"norm": name, "reason": "the TorchScript graph never calls it; left as is"})
+    report.method = "torchscript"
+    report.note = "TorchScript converted to a torch.export graph and folded on it"
+    return gm, report

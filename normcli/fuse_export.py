@@ -70,6 +70,10 @@ class FuseExportReport:
     # {"norms": norm layers whose statistics or weights hold NaN/Inf, "first": the first module, in call order,
     #  whose output turned non-finite from finite inputs (None if unknown)}
     nonfinite: dict | None = None
+    input_shape_guessed: bool = False  # the shapes were inferred from the model (infer_input_shape)
+    dynamic_dims: list[list[int]] = field(default_factory=list)  # per ONNX input, its symbolic dimensions
+    input_shape_fixed: str | None = None  # for a guessed shape the ONNX fixes: why, and what to do
+    checked_shapes: list[list[list[int]]] = field(default_factory=list)  # each input configuration parity ran
     lower_unfolded: str = "keep"       # what became of the BatchNorm nodes left after the fold
     lowered: list[dict] = field(default_factory=list)     # {"node", "channels"}: became Mul + Add
     lower_kept: list[dict] = field(default_factory=list)  # {"node", "reason"}: left as BatchNormalization
@@ -77,8 +81,6 @@ class FuseExportReport:
     diagnosis: Diagnosis | None = None  # per-module errors, when compared (--compare-intermediates, failure, fp16)
     saved_inputs: str | None = None    # golden files written (--save-inputs / --save-outputs)
     saved_outputs: str | None = None
-    dynamic_dims: list[list[int]] = field(default_factory=list)  # per ONNX input, its symbolic dimensions
-    checked_shapes: list[list[list[int]]] = field(default_factory=list)  # each input configuration parity ran
 
     @property
     def passed(self) -> bool:
@@ -152,6 +154,7 @@ def fuse_export(model, output: str | os.PathLike, *,
     widen = reference_model is not model
     inputs, source = _parity_inputs(model, input_shapes, input_tensors, example_inputs, samples, seed,
                                     dynamic_batch, dtype)
+    guessed = not input_tensors and not input_shapes and not example_inputs
     onnx_inputs = inputs
     if half:  # the float32 reference and the float16 export see the same (float16) numbers
         from normcli.parity_diagnostics import half_precision_inputs
@@ -169,16 +172,41 @@ def fuse_export(model, output: str | os.PathLike, *,
     varying = [[d for d in dims if d > 0] for dims in varying]
     export_example = _export_example(inputs, varying, dynamic_batch)
     with torch.no_grad():
-        try:
-            reference_outputs = reference_model(*_widened(example, widen))
-        except Exception as e:
-            raise NormcliError(f"the model does not run on inputs of shapes {_shapes(example)} ({source}): "
-                               f"{describe(e)}; "
-                               f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
-                               ) from None
         # the original's outputs, computed once: the fold check and the parity check both compare to them
-        references = [torch.utils._pytree.tree_flatten(reference_outputs)[0]]
-        references += [torch.utils._pytree.tree_flatten(reference_model(*_widened(s, widen)))[0] for s in inputs[1:]]
+        references = []
+        for sample in inputs:
+            try:
+                outputs = reference_model(*_widened(sample, widen))
+            except Exception as e:
+                raise NormcliError(f"the model does not run on inputs of shapes {_shapes(sample)} ({source}): "
+                                   f"{describe(e)}; "
+                                   f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
+                                   ) from None
+            if not references:
+                reference_outputs = outputs
+            references.append(torch.utils._pytree.tree_flatten(outputs)[0])
+        # a guessed shape must not become part of the artifact: where the model also runs at another spatial
+        # size, those dims stay symbolic in the ONNX and parity checks that size too
+        dynamic_dims, fixed = None, None
+        if guessed and example[0].dim() > 2:
+            from normcli.inputs import make_inputs
+
+            other = [(*s.shape[:2], *(d + d // 2 for d in s.shape[2:])) for s in example]
+            second = second_onnx = make_inputs(other, 1, seed=seed + 2, dtype=dtype)[0]
+            if half:
+                from normcli.parity_diagnostics import half_precision_inputs
+
+                (second,), (second_onnx,) = half_precision_inputs([second])
+            try:
+                outputs = reference_model(*_widened(second, widen))
+            except Exception as e:
+                fixed = (f"the input shape {_shapes(example)} was guessed ({source}) and the model does not run "
+                         f"at {_shapes(second)} ({first_line(describe(e))}), so the ONNX accepts only the guessed "
+                         "shape; pass --input-shape with the shape the model is used at")
+            else:
+                inputs, onnx_inputs = [*inputs, second], [*onnx_inputs, second_onnx]
+                references.append(torch.utils._pytree.tree_flatten(outputs)[0])
+                dynamic_dims = [list(range(2, t.dim())) for t in example]
     nonfinite = None
     if not all(_finite(t) for outs in references for t in outs):
         # parity against NaN proves nothing: find where they come from, for the report and the error
@@ -191,6 +219,15 @@ def fuse_export(model, output: str | os.PathLike, *,
     plain, weight_norm_report = fold_weight_norm(model)  # a copy when it folds anything
     folded, fold_report = fold_module.fold_batchnorm(plain, inplace=plain is not model, example_inputs=example)
     _eval_mode(folded)
+    if dynamic_dims:
+        try:  # a fold on a torch.export graph keeps only the sizes that graph kept
+            with torch.no_grad():
+                folded(*inputs[-1])
+        except Exception as e:
+            inputs, onnx_inputs, references, dynamic_dims = inputs[:-1], onnx_inputs[:-1], references[:-1], None
+            fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes, "
+                     f"but its folded graph ({fold_report.method}) fixed the shape ({first_line(describe(e))}), so "
+                     "the ONNX accepts only the guessed shape; pass --input-shape with the shape the model is used at")
     step("checking the folded model in torch")
     # float32 against float32: a float16 export's looser tolerances do not apply to the fold itself
     fold_check = _fold_check(folded, inputs, references, *(dtype_tolerances(dtype) if half else (atol, rtol)))
@@ -206,10 +243,18 @@ def fuse_export(model, output: str | os.PathLike, *,
         onnx_path = Path(scratch) / output.name
         step(f"exporting with the {exporter} exporter")
         exported = export_onnx(exported_model, export_example, onnx_path, exporter=exporter, opset=opset,
-                               dynamic_batch=dynamic_batch, dynamic_dims=varying if any(varying) else None,
+                               dynamic_batch=dynamic_batch,
+                               dynamic_dims=dynamic_dims or (varying if any(varying) else None),
                                input_names=default_input_names(model, len(example)),
                                output_names=default_output_names(reference_outputs))
         symbolic = [[i for i, d in enumerate(dims) if not isinstance(d, int)] for dims in exported.input_dims]
+        if dynamic_dims and any(not set(want) <= set(got) for want, got in zip(dynamic_dims, symbolic)):
+            # the exporter specialised the spatial dims: the ONNX runs only at the guessed shape
+            inputs, onnx_inputs, references = inputs[:-1], onnx_inputs[:-1], references[:-1]
+            fixed = (f"the input shape {_shapes(example)} was guessed ({source}); the model runs at other sizes "
+                     f"but the {exported.exporter} exporter fixed the shape in the ONNX (input dims "
+                     f"{exported.input_dims}); pass --input-shape with the shape the model is used at, or try "
+                     f"--exporter {'torchscript' if exported.exporter == 'dynamo' else 'dynamo'}")
         _check_symbolic([([0] if dynamic_batch else []) + dims for dims in varying], symbolic, exported, source)
         lowering = _lower(onnx_path, lower_unfolded, exported, step)
         step("checking parity in onnxruntime")
@@ -268,10 +313,18 @@ def fuse_export(model, output: str | os.PathLike, *,
         save_fused=str(save_fused) if fused_format else None, save_fused_format=fused_format,
         lower_unfolded=lowering.mode, lowered=lowering.lowered, lower_kept=lowering.kept,
         warnings=list(dict.fromkeys(notes)), reference=reference_note, nonfinite=nonfinite, precision=precision,
-        dynamic_dims=symbolic, checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
         diagnosis=diagnosis, saved_inputs=str(save_inputs) if written and save_inputs else None,
         saved_outputs=str(save_outputs) if written and save_outputs else None,
+        input_shape_guessed=guessed, dynamic_dims=symbolic, input_shape_fixed=fixed,
+        checked_shapes=[[list(t.shape) for t in s] for s in _distinct_shapes(inputs)],
     )
+
+
+def _distinct_shapes(inputs: list[tuple]) -> list[tuple]:
+    seen = {}
+    for sample in inputs:
+        seen.setdefault(tuple(tuple(t.shape) for t in sample), sample)
+    return list(seen.values())
 
 
 def _finite(value) -> bool:

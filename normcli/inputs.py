@@ -18,17 +18,39 @@ def infer_input_shape(model) -> tuple[tuple[int, ...], str]:
     convs = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
              nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
     for name, module in model.named_modules():
+        # a TorchScript module names the class it was scripted from
+        scripted = getattr(module, "original_name", None) if hasattr(module, "_c") else None
+        if scripted == "Linear":
+            features = int(module.weight.shape[1])
+            return (1, features), f"inferred from Linear '{name}' (in_features={features})"
         for kind, dims in convs.items():
-            if type(module) is kind or isinstance(module, kind):
+            if type(module) is kind or isinstance(module, kind) or scripted == kind.__name__:
                 size = DEFAULT_SPATIAL[dims]
-                shape = (1, module.in_channels, *([size] * dims))
-                return shape, (f"inferred from {type(module).__name__} '{name}' (in_channels={module.in_channels}) "
+                channels = module.in_channels if scripted is None else _scripted_in_channels(module, kind)
+                shape = (1, channels, *([size] * dims))
+                return shape, (f"inferred from {kind.__name__} '{name}' (in_channels={channels}) "
                                f"with the default spatial size {'x'.join([str(size)] * dims)}")
         if isinstance(module, nn.Linear):
             return (1, module.in_features), \
                 f"inferred from Linear '{name}' (in_features={module.in_features})"
     raise NormcliError("cannot infer the input shape: the model has no conv or linear layer; "
                        "pass --input-shape (e.g. --input-shape 1,3,224,224)")
+
+
+def _scripted_in_channels(module, kind) -> int:
+    """A TorchScript conv keeps in_channels only as a constant inlined in its code: read it off its weight."""
+    weight = module.weight
+    if kind.__name__.startswith("ConvTranspose"):
+        return int(weight.shape[0])
+    groups = 1
+    for node in module.graph.nodes():
+        if node.kind() in ("aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"):
+            index = 8 if node.kind() == "aten::_convolution" else 6
+            inputs = list(node.inputs())
+            if len(inputs) > index and inputs[index].toIValue() is not None:
+                groups = int(inputs[index].toIValue())
+            break
+    return int(weight.shape[1]) * groups
 
 
 def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, dtype=None) -> list[tuple]:

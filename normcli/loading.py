@@ -323,11 +323,11 @@ def load_strict(model, state_dict: dict, path: str, arch: str, stripped: list[st
 
 def _load_live(path, tf: TensorFile) -> LoadedModel:
     """Only under --unsafe-load: let torch rebuild the module the file carries (this runs the file's code)."""
-    import torch
-
     fmt = tf.container
-    if tf.format not in LIVE_FORMATS:
+    if tf.format not in LIVE_FORMATS:  # said before torch is imported: a usage error is quick
         raise NormcliError(f"{path} holds only a state dict; pass --arch to say which model it belongs to")
+
+    import torch
     try:
         with _cwd_on_path():
             if fmt == "torchscript":

@@ -248,6 +248,28 @@ def test_input_files_read_npy_npz_pt_safetensors_and_images_whatever_the_extensi
     np.testing.assert_allclose(image[0].permute(1, 2, 0).numpy(), pixels / 255.0, rtol=0, atol=1e-7)
 
 
+def test_input_files_never_run_torch_load(tmp_path, monkeypatch):
+    """An input file is as untrusted as a checkpoint: it is read by the checked reader, never torch.load."""
+    g = torch.Generator().manual_seed(0)
+    tensor = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).float()[:, 1:]  # a view, strides kept
+    torch.save(tensor, tmp_path / "zip.pt")
+    torch.save(tensor, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+
+    def entered(*args, **kwargs):
+        raise AssertionError("torch.load was entered")
+
+    monkeypatch.setattr(torch, "load", entered)
+    monkeypatch.setattr(torch.serialization, "load", entered)
+    from normcli.data import read_input_tensors
+
+    for name in ("zip.pt", "legacy.pt"):
+        (loaded,) = read_input_tensors(tmp_path / name)
+        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
+    with pytest.raises(NormcliError, match="does not hold a tensor"):
+        read_input_tensors(tmp_path / "module.pt")
+
+
 class _Payload:
     def __reduce__(self):
         import os

@@ -6,6 +6,8 @@ as under torch.load."""
 from __future__ import annotations
 
 import collections
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -60,6 +62,18 @@ def test_swap_never_enters_torch_load(tmp_path, name, extra):
 def test_fuse_export_never_enters_torch_load(tmp_path):
     proc, marker = run_guarded(tmp_path, "fuse-export", SAMPLES / "resnet_tiny.pt", "-o", tmp_path / "m.onnx",
                                "--arch", ARCH, "--input-shape", "1,3,32,32")
+    assert not marker.exists(), proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_swap_input_files_never_enter_torch_load(tmp_path):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64).float(), tmp_path / "x.pt")
+    proc, marker = run_guarded(tmp_path, "swap", SAMPLES / "resnet_tiny.pt", "--to", "frn", "-o",
+                               tmp_path / "out.pt", "--arch", ARCH, "--input", tmp_path / "x.pt")
     assert not marker.exists(), proc.stderr
     assert proc.returncode == 0, proc.stderr
 
@@ -127,11 +141,18 @@ VERSIONED = textwrap.dedent('''
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
+        def forward(self, x):
+            return x * self.scale.view(1, -1, 1, 1)
+
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.body = Gain()
             self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.body(x)))
 
 
     def net():
@@ -158,6 +179,16 @@ def _old_state_dict(module, prefix: str = ""):
     return out
 
 
+def _trained(net):
+    """Running statistics as training leaves them (seeded, float64-drawn), so inspect's findings pass."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    net.bn.running_mean.copy_(torch.randn(3, generator=g, dtype=torch.float64).float())
+    net.bn.running_var.copy_((torch.rand(3, generator=g, dtype=torch.float64) + 0.5).float())
+    return net
+
+
 def _files(tmp_path: Path) -> dict[str, tuple[Path, str | None]]:
     """name -> (file, prefix the reader strips): every torch reader path with a state dict that has metadata."""
     import torch
@@ -170,8 +201,8 @@ def _files(tmp_path: Path) -> dict[str, tuple[Path, str | None]]:
         versioned = importlib.import_module("versioned")
     finally:
         sys.path.remove(str(tmp_path))
-    plain = _old_state_dict(versioned.net())
-    dp = _old_state_dict(nn.DataParallel(versioned.net()))
+    plain = _old_state_dict(_trained(versioned.net()))
+    dp = _old_state_dict(nn.DataParallel(_trained(versioned.net())))
     files = {}
     torch.save(plain, tmp_path / "zip.pt")
     files["torch-zip"] = tmp_path / "zip.pt"
@@ -244,3 +275,63 @@ def test_without_metadata_the_version_check_sees_none(versioned, tmp_path):
     torch.save(sd, tmp_path / "no_meta.pt")
     with pytest.raises(NormcliError, match="state dict without module versions"):
         load_model(tmp_path / "no_meta.pt", arch=f"{versioned}/versioned.py:net")
+
+
+# swap and fuse-export, through the installed normcli, honour the versions the same way
+
+VERSIONED_ARCH = "versioned.py:net"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["torch-zip", "legacy", "nested-dataparallel", "compiled"])
+def test_swap_and_fuse_export_load_old_module_versions_on_every_reader_path(versioned, run_normcli, kind):
+    """A state dict written by older module versions (a renamed parameter; BatchNorm version 1, before
+    num_batches_tracked existed) loads as torch.load + load_state_dict loads it, so the commands run."""
+    import torch
+
+    path = _files(versioned)[kind]
+    out = versioned / f"{kind}-mabn.pt"
+    swap = run_normcli("swap", path, "--to", "mabn", "-o", out, "--arch", VERSIONED_ARCH,
+                       "--input-shape", "2,3,8,8", "--fail-on", "warning", "--json", cwd=versioned)
+    assert swap.returncode == 0, swap.stderr
+    assert json.loads(swap.stdout)["findings"] == []  # BatchNorm's upgrade on load adds no finding
+    saved = torch.load(out, weights_only=True)
+    state = saved["state_dict"]
+    assert torch.equal(state["body.scale"], torch.full((3,), 2.0))  # `gain` of version 1, renamed on load
+    assert state._metadata["body"]["version"] == 2  # written by today's modules: today's versions
+    if kind in ("nested-dataparallel", "compiled"):  # the prefixes stripped from keys and versions alike
+        onnx_out = versioned / f"{kind}.onnx"
+        export = run_normcli("fuse-export", path, "-o", onnx_out, "--arch", VERSIONED_ARCH, "--input-shape",
+                             "2,3,8,8", "--samples", "1", "--exporter", "torchscript", "--json", cwd=versioned)
+        assert export.returncode == 0, export.stderr
+        report = json.loads(export.stdout)
+        assert report["parity"]["passed"] and onnx_out.is_file()
+        assert [r["norm"] for r in report["folded"] + report["unfolded"]] == ["bn"]
+
+
+def test_the_commands_read_the_versions_a_file_states(versioned, cli, tmp_path):
+    """The controls, through the real entry point: the same BatchNorm weights stated as today's version lack
+    num_batches_tracked (refused as torch refuses them), and without any versions the module's own check
+    refuses the file; each is one error line, never an unexpected ValueError."""
+    import torch
+
+    path = _files(versioned)["torch-zip"]
+    sd = torch.load(path, weights_only=True)
+    sd._metadata["bn"]["version"] = 2
+    torch.save(sd, tmp_path / "v2.pt")
+    del sd._metadata
+    torch.save(sd, tmp_path / "none.pt")
+    cwd = os.getcwd()
+    os.chdir(versioned)
+    try:
+        code, _, err = cli("swap", tmp_path / "v2.pt", "--to", "mabn", "-o", tmp_path / "o.pt", "--arch",
+                           VERSIONED_ARCH, "--input-shape", "2,3,8,8")
+        assert code == 2 and "bn.num_batches_tracked" in err and "missing" in err
+        assert err.count("\n") == 1 and err.startswith("error:")
+        code, _, err = cli("fuse-export", tmp_path / "none.pt", "-o", tmp_path / "o.onnx", "--arch",
+                           VERSIONED_ARCH, "--input-shape", "2,3,8,8")
+        assert code == 2 and "state dict without module versions" in err and "unexpected" not in err
+        assert err.count("\n") == 1 and err.startswith("error:")
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "o.onnx").exists()

@@ -9,7 +9,8 @@ import typer
 
 from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailOnOption, JsonOption, LimitOption,
                                 UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
-                                parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings)
+                                parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings,
+                                safe_text)
 from normcli.cli.output import QuietOption, Reporter, VerboseOption
 from normcli.cli.parity_report import parity_json, render_diagnosis, render_golden, render_parity
 
@@ -36,7 +37,8 @@ def fuse_export(
         None, "--input-shape", metavar="SHAPE",
         help="Comma-separated input shape, e.g. 1,3,224,224; repeat for several inputs. Default: a .pt2's "
              "example inputs, else (1, C, 64, 64) from the first conv (64 for 1d, 16^3 for 3d) or "
-             "(1, F) from the first linear."),
+             "(1, F) from the first linear; a guessed shape's spatial dims stay symbolic in the ONNX where the "
+             "model runs at another size (checked at both), else the report says the shape is now fixed."),
     input_file: Optional[List[str]] = typer.Option(
         None, "--input", metavar="FILE",
         help="Run parity on this data instead of random samples: .npy, .npz, .pt (read safely), .safetensors "
@@ -200,6 +202,9 @@ def fuse_export(
                               save_inputs=save_inputs, save_outputs=save_outputs, precision=precision)
     reporter.close()
 
+    if report.input_shape_fixed:
+        err_console.print(f"warning: {safe_text(report.input_shape_fixed)}", soft_wrap=True, markup=False,
+                          highlight=False)
     if json_out:
         print_json({**report_json(report), "findings": jsonable(findings)}, schema="fuse-export")
     else:
@@ -235,8 +240,9 @@ def report_json(report) -> dict:
         "input_shapes": report.input_shapes, "input_source": report.input_source,
         "fold_method": report.fold_method, "fold_note": report.fold_note, "fold_check": report.fold_check,
         "save_fused": report.save_fused, "save_fused_format": report.save_fused_format,
-        "warnings": report.warnings, "reference": report.reference,
-        "dynamic_dims": report.dynamic_dims, "checked_shapes": report.checked_shapes, "nonfinite": report.nonfinite,
+        "warnings": report.warnings, "reference": report.reference, "nonfinite": report.nonfinite,
+        "input_shape_guessed": report.input_shape_guessed, "dynamic_dims": report.dynamic_dims,
+        "input_shape_fixed": report.input_shape_fixed, "checked_shapes": report.checked_shapes,
         "lower_unfolded": report.lower_unfolded, "lowered": report.lowered, "lower_kept": report.lower_kept,
     })
 
@@ -252,9 +258,20 @@ def render(report) -> None:
 
     console = out_console
     shapes = " ".join(",".join(map(str, s)) for s in report.input_shapes)
-    console.print(f"input shape {shapes} ({report.input_source})"
+    console.print(f"input shape {shapes} ({'guessed: ' if report.input_shape_guessed else ''}{report.input_source})"
                   + (", batch dimension symbolic" if report.dynamic_batch else ""), soft_wrap=True)
-    method = {"fx": "torch.fx dataflow", "export": "torch.export graph"}.get(report.fold_method, report.fold_method)
+    if report.input_shape_guessed:
+        others = [" ".join(",".join(map(str, s)) for s in config) for config in report.checked_shapes]
+        if report.input_shape_fixed:
+            console.print(f"[yellow]the guessed shape is now fixed in the ONNX[/]: {cell(report.input_shape_fixed)}",
+                          soft_wrap=True)
+        elif any(report.dynamic_dims):
+            dims = "; ".join(f"input {i}: dims {', '.join(map(str, d))}" for i, d in enumerate(report.dynamic_dims)
+                             if d)
+            console.print(f"the guessed shape is not fixed in the ONNX: symbolic {dims}; parity checked at "
+                          f"{' and '.join(others)}", soft_wrap=True)
+    method = {"fx": "torch.fx dataflow", "export": "torch.export graph",
+              "torchscript": "the torch.export graph of the TorchScript"}.get(report.fold_method, report.fold_method)
     console.print(f"folded {len(report.folded)} norm(s) by {method}, {len(report.unfolded)} left in place",
                   soft_wrap=True)
     if report.fold_note:

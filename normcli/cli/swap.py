@@ -94,25 +94,41 @@ def swap(
         check_probe_shape(list(shape))
     kwargs = parse_arch_kwargs(arch_kwargs)
 
-    import torch
-
-    from normcli.inputs import input_configurations
     from normcli.loading import load_model
     from normcli.data import read_input_tensors
-    from normcli.preflight import judge, model_findings
-    from normcli.swap import selection_reason, swap_norms
 
     from normcli.formats import open_checkpoint
     from normcli.limits import parse_limits
 
     # opened and recognised once; the loader reads through this descriptor
     limits = parse_limits(limit)
+    checkpoint = open_checkpoint(path, limits)
+    if arch is None and checkpoint.format in ("torchscript", "pt2"):
+        # a compiled graph has no norm modules to replace: its weights go into the user's model code instead
+        kind, extra = (("TorchScript archive, whose compiled modules", " --unsafe-load")
+                       if checkpoint.format == "torchscript" else ("torch.export archive, whose graph", ""))
+        classes = ""
+        if not unsafe_load:
+            from normcli.loading import _names, refuse_code
+            from normcli.reader import read_tensors
+
+            refuse_code(checkpoint, checkpoint.format)  # a file naming code is refused by those names first
+            named = read_tensors(checkpoint, key=key, limits=limits).unsafe_globals
+            if named:
+                classes = (f" (loading it runs its classes {_names(named)}: use --unsafe-load only on files you "
+                           "trust)")
+        raise NormcliError(f"{path} is a {kind} cannot be swapped{classes}; swap its weights in your model code "
+                           f"instead: pass --arch package.module:callable{extra} (the class that built it)")
+    # torch is imported only once the file is known to be loadable: a refused file says so without waiting for it
     reporter.stage(f"loading {path}", log=False)
-    loaded = load_model(open_checkpoint(path, limits), arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load,
-                        key=key, limits=limits)
-    if isinstance(loaded.model, torch.jit.ScriptModule):
-        raise NormcliError(f"{path} is TorchScript, whose modules cannot be replaced; give its state dict with "
-                           "--arch instead")
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=kwargs, unsafe_load=unsafe_load, key=key, limits=limits)
+
+    import torch
+
+    from normcli.inputs import input_configurations
+    from normcli.preflight import judge, model_findings
+    from normcli.swap import selection_reason, swap_norms
+
     model = loaded.model.eval()
     tensors = [t for f in input_file or [] for t in read_input_tensors(f)]
     if shapes:
