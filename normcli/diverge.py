@@ -35,6 +35,7 @@ class ModuleError:
     mean_abs: float
     passed: bool
     rel_rms: float = 0.0   # ||onnx - torch|| / ||torch||: the error relative to the output's size
+    finite: bool = True    # the torch output holds no NaN/Inf (where it does, agreement proves nothing)
 
 
 @dataclass
@@ -248,7 +249,7 @@ def find_divergence(model, onnx_path: str | os.PathLike, samples: Sequence[tuple
                             max_rel=float(rel.max()) if rel.size else 0.0,
                             mean_abs=float(diff.mean()) if diff.size else 0.0,
                             passed=not bool(mismatch_mask(a, r, atol, rtol).any()),
-                            rel_rms=_rel_rms(a, r))
+                            rel_rms=_rel_rms(a, r), finite=bool(np.isfinite(r).all()))
         result.modules.append(entry)
         if result.first is None and not entry.passed:
             result.first = entry

@@ -103,7 +103,8 @@ def precision_losses(modules, top: int = PRECISION_LOSS_TOP) -> list[dict]:
 
 def _entry(m) -> dict:
     return {"module": m.module, "call": m.call, "onnx_value": m.onnx_value, "max_abs": m.max_abs,
-            "max_rel": m.max_rel, "mean_abs": m.mean_abs, "rel_rms": m.rel_rms, "passed": m.passed}
+            "max_rel": m.max_rel, "mean_abs": m.mean_abs, "rel_rms": m.rel_rms, "passed": m.passed,
+            "finite": m.finite}
 
 
 def save_golden(path: str | os.PathLike, names: Sequence[str], samples: Sequence[Sequence]) -> None:

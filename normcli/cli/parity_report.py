@@ -103,7 +103,7 @@ def render_diagnosis(console, report) -> None:
         call = f" (call {f['call'] + 1})" if f["call"] else ""
         console.print(f"[red]first diverging module[/]: {cell(f['module'])}{call}, max abs {_num(f['max_abs'])}, "
                       f"max rel {_num(f['max_rel'])} (ONNX value {cell(f['onnx_value'])})", soft_wrap=True)
-    elif d.modules:
+    elif d.modules and all(m["finite"] for m in d.modules):
         console.print("[green]every matched module agrees[/] within the tolerances", soft_wrap=True)
     rows = d.modules
     if d.first is not None:  # the rows around the culprit say the most
@@ -118,6 +118,7 @@ def render_diagnosis(console, report) -> None:
         for m in rows:
             call = f" (call {m['call'] + 1})" if m["call"] else ""
             table.add_row(cell(m["module"] + call), _num(m["max_abs"]), _num(m["max_rel"]), _num(m["rel_rms"]),
+                          "[yellow]non-finite torch output[/]" if not m["finite"] else
                           "[green]ok[/]" if m["passed"] else "[red]out of tolerance[/]")
         console.print(table)
         if len(rows) < len(d.modules):
