@@ -208,7 +208,7 @@ def fuse_export(
     if json_out:
         print_json({**report_json(report), "findings": jsonable(findings)}, schema="fuse-export")
     else:
-        render(report)
+        render(report, reporter)
     if report.nonfinite is not None:
         kept = f"; {report.output} was written anyway (--keep-on-fail)" if report.output else \
             "; nothing was written"
@@ -253,7 +253,7 @@ def _num(x: float) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
-def render(report) -> None:
+def render(report, reporter=None) -> None:
     from rich.table import Table
 
     console = out_console
@@ -291,8 +291,9 @@ def render(report) -> None:
                   + verdict, soft_wrap=True)
 
     parity = report.parity
-    render_parity(console, report)
-    render_diagnosis(console, report)
+    note = reporter.note if reporter else None  # which columns a narrow table left out (not under -q)
+    render_parity(console, report, note)
+    render_diagnosis(console, report, note)
     console.print(f"ONNX: {report.onnx['nodes']} nodes, {report.onnx['batchnorm_nodes']} BatchNormalization; "
                   f"{report.exporter} exporter, opset {report.opset}", soft_wrap=True)
     if report.lowered:

@@ -55,9 +55,21 @@ def _cos(x) -> str:
     return "nan" if x != x else f"{x:.6f}"
 
 
-def render_parity(console, report) -> None:
-    """The parity lines and the per-output table."""
-    from rich.table import Table
+# When narrow, dropped first: top-5, median abs, p99 abs, mean abs, need rtol, cosine, top-1, max rel,
+# mismatched, need atol; output, max abs and the verdict stay.
+PARITY_COLUMNS = (("output", 1, None), ("max abs", 1, None), ("max rel", 3, None), ("mean abs", 7, None),
+                  ("median abs", 9, "median"), ("p99 abs", 8, "p99"), ("cosine", 5, "cos"), ("need atol", 2, "atol?"),
+                  ("need rtol", 6, "rtol?"), ("top-1", 4, None), ("top-5", 10, None), ("mismatched", 3, "bad"),
+                  ("", 1, None))
+
+
+def render_parity(console, report, note=None) -> None:
+    """The parity lines and the per-output table, fitted to the width (``note``: where to say which columns
+    were left out)."""
+    from rich.text import Text
+
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column, print_table
 
     parity = report.parity
     rule = {None: "every element", "quantile": f"the {parity.quantile:g} quantile of the errors"}.get(
@@ -72,22 +84,23 @@ def render_parity(console, report) -> None:
         symbolic = "; ".join(f"input {i}: {', '.join(map(str, dims))}" for i, dims in enumerate(report.dynamic_dims)
                              if dims)
         console.print(f"checked at {shapes}" + (f"; symbolic dims {symbolic}" if symbolic else ""), soft_wrap=True)
-    table = Table(header_style="bold", box=None, pad_edge=False)
-    columns = ("output", "max abs", "max rel", "mean abs", "median abs", "p99 abs", "cosine", "need atol",
-               "need rtol", "top-1", "top-5", "mismatched", "")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("output", "") else "right")
+    rows = []
     for o in parity.outputs:
-        verdict = "[green]ok[/]" if o.passed else f"[red]FAIL[/] {cell(o.problem or '')}"
-        table.add_row(cell(o.name), _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), _num(o.median_abs),
-                      _num(o.p99_abs), _cos(o.cosine), _num(o.required_atol), _num(o.required_rtol),
-                      _share(o.top1_agreement), _share(o.top5_agreement), f"{o.mismatched}/{o.elements}", verdict)
-    console.print(table)
+        verdict = Text("ok", style="green") if o.passed else \
+            Text.assemble(("FAIL", "red"), " " + safe_text(o.problem or ""))
+        rows.append([safe_text(o.name), _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs), _num(o.median_abs),
+                     _num(o.p99_abs), _cos(o.cosine), _num(o.required_atol), _num(o.required_rtol),
+                     _share(o.top1_agreement), _share(o.top5_agreement), f"{o.mismatched}/{o.elements}", verdict])
+    print_table(console, [Column(h, p, "left" if h in ("output", "") else "right", short=short, name=h in ("output", ""))
+                          for h, p, short in PARITY_COLUMNS], rows, note_console=note)
 
 
-def render_diagnosis(console, report) -> None:
+def render_diagnosis(console, report, note=None) -> None:
     """The first diverging module, the per-module errors, the layers that lose precision."""
-    from rich.table import Table
+    from rich.text import Text
+
+    from normcli.cli.common import safe_text
+    from normcli.cli.tables import Column, print_table
 
     d = report.diagnosis
     if d is None:
@@ -112,15 +125,15 @@ def render_diagnosis(console, report) -> None:
     else:
         rows = rows[-INTERMEDIATES_SHOWN:]
     if rows and (report.diagnosis.reason != "--precision fp16" or d.first is not None):
-        table = Table(header_style="bold", box=None, pad_edge=False)
-        for col in ("module", "max abs", "max rel", "rel rms", ""):
-            table.add_column(col, justify="left" if col in ("module", "") else "right")
+        body = []
         for m in rows:
             call = f" (call {m['call'] + 1})" if m["call"] else ""
-            table.add_row(cell(m["module"] + call), _num(m["max_abs"]), _num(m["max_rel"]), _num(m["rel_rms"]),
-                          "[yellow]non-finite torch output[/]" if not m["finite"] else
-                          "[green]ok[/]" if m["passed"] else "[red]out of tolerance[/]")
-        console.print(table)
+            body.append([safe_text(m["module"] + call), _num(m["max_abs"]), _num(m["max_rel"]), _num(m["rel_rms"]),
+                         Text("non-finite torch output", style="yellow") if not m["finite"] else
+                         Text("ok", style="green") if m["passed"] else Text("out of tolerance", style="red")])
+        print_table(console, [Column("module", 1, name=True), Column("max abs", 1, "right"),
+                              Column("max rel", 2, "right"), Column("rel rms", 3, "right"), Column("", 1)],
+                    body, note_console=note)
         if len(rows) < len(d.modules):
             console.print(f"({len(d.modules) - len(rows)} more in --json)", style="dim")
     if d.precision_losses:
