@@ -399,7 +399,9 @@ def test_the_highest_opset_exports_without_log_noise(tmp_path):
     out = tmp_path / "x.onnx"
     proc = subprocess.run([sys.executable, "-m", "normcli", "fuse-export", str(ckpt), "--arch",
                            f"{MODELS_PY}:small_cnn", "-o", str(out), "--opset", str(high), "--input-shape", "2,1,8,8"],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT,
+                          # no COLUMNS: a piped table is then as wide as it needs, with no note on stderr
+                          env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
     assert proc.returncode == 0, proc.stderr
     # nothing but normcli's own stage lines: no exporter chatter
     assert all(STAGE_LINE.match(line) for line in proc.stderr.splitlines()) and out.exists(), proc.stderr
