@@ -19,16 +19,14 @@ allows, so a large data set is not read into memory at once.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from normcli.errors import NormcliError, describe
+from normcli.user_code import import_callable
 
 NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,41 +81,6 @@ def open_source(spec: str, *, batch_size: int | None = None, resize: tuple[int, 
 
 
 # --------------------------------------------------------------------------------------------- callables
-
-def import_callable(spec: str, option: str) -> Callable:
-    """The callable ``package.module:name`` or ``path/to/file.py:name`` (imports user code: the user's own)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise NormcliError(f"{option} {spec!r} is not of the form package.module:callable or "
-                           "path/to/file.py:callable")
-    try:
-        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
-            file = Path(module_name)
-            if not file.is_file():
-                raise NormcliError(f"{option} {spec!r}: no such file {file}")
-            mod_spec = importlib.util.spec_from_file_location(f"_normcli_user_{file.stem}", file)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            added = os.getcwd() not in sys.path
-            if added:
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                if added and os.getcwd() in sys.path:
-                    sys.path.remove(os.getcwd())
-    except NormcliError:
-        raise
-    except ImportError as e:
-        raise NormcliError(f"{option} {spec!r}: cannot import {module_name} ({e}); check the module path") from None
-    except Exception as e:
-        raise NormcliError(f"{option} {spec!r}: importing {module_name} raised {describe(e)}") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise NormcliError(f"{option} {spec!r}: {module_name} has no callable named {attr!r}")
-    return fn
 
 
 def _callable_source(spec: str, fn: Callable, batch_size: int | None) -> DataSource:

@@ -11,19 +11,15 @@ with ``unsafe_load=True`` and no ``arch``.
 from __future__ import annotations
 
 import collections
-import contextlib
-import importlib
-import importlib.util
 import math
 import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from normcli.errors import NormcliError, describe
 from normcli.reader import TensorFile, read_tensors
 from normcli.formats import detect_format
+from normcli.user_code import cwd_on_path, import_callable
 
 LIVE_FORMATS = ("full-pickle", "torchscript", "pt2")
 
@@ -46,30 +42,7 @@ def build_arch(spec: str, kwargs: dict | None = None):
     """Call the model factory named by ``package.module:callable`` or ``path/to/file.py:callable``."""
     import torch
 
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise NormcliError(f"--arch {spec!r} is not of the form package.module:callable or path/to/file.py:callable")
-    try:
-        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-            file = Path(module_name)
-            if not file.is_file():
-                raise NormcliError(f"--arch {spec!r}: no such file {file}")
-            mod_spec = importlib.util.spec_from_file_location(f"_normcli_arch_{file.stem}", file)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            with _cwd_on_path():
-                module = importlib.import_module(module_name)
-    except NormcliError:
-        raise
-    except ImportError as e:
-        raise NormcliError(f"--arch {spec!r}: cannot import {module_name} ({e}); check the module path") from None
-    except Exception as e:
-        raise NormcliError(f"--arch {spec!r}: importing {module_name} raised {type(e).__name__}: {e}") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise NormcliError(f"--arch {spec!r}: {module_name} has no callable named {attr!r}")
+    factory = import_callable(spec, "--arch")
     try:
         model = factory(**(kwargs or {}))
     except Exception as e:
@@ -77,19 +50,6 @@ def build_arch(spec: str, kwargs: dict | None = None):
     if not isinstance(model, torch.nn.Module):
         raise NormcliError(f"--arch {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-@contextlib.contextmanager
-def _cwd_on_path():
-    # `normcli ... --arch samples.models:resnet_tiny` should find the user's package where they stand
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        yield
-    finally:
-        if added and os.getcwd() in sys.path:
-            sys.path.remove(os.getcwd())
 
 
 def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
@@ -329,7 +289,7 @@ def _load_live(path, tf: TensorFile) -> LoadedModel:
 
     import torch
     try:
-        with _cwd_on_path():
+        with cwd_on_path():
             if fmt == "torchscript":
                 return LoadedModel(torch.jit.load(os.fspath(path), map_location="cpu"), "torchscript", "module")
             if fmt == "pt2":
