@@ -19,7 +19,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,48 +62,21 @@ def _files(name: str, shape, folder: Path) -> tuple[Path, Path, int]:
 
 
 def latency(name: str, shape, folder: Path, rounds: int, per_round: int) -> dict:
-    import numpy as np
-    import onnxruntime as ort
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
+    from bench_fuse_export import session_latencies
 
     from normcli.lower import DEFAULT_LOWER
 
     lowered, kept, count = _files(name, shape, folder)
     default_file, other_file = (kept, lowered) if DEFAULT_LOWER == "keep" else (lowered, kept)
     other = "mul-add" if DEFAULT_LOWER == "keep" else "keep"
-
-    def session(path: Path):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    pairs = 5
-    all_times: dict[str, list[float]] = {"ours": [], "base": []}
-    ratios = []
-    for pair in range(pairs):
-        order = ("ours", "base") if pair % 2 == 0 else ("base", "ours")
-        files = {"ours": default_file, "base": other_file}
-        sessions = {k: session(files[k]) for k in order}
-        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-        for k, s in sessions.items():  # warm-up
-            for _ in range(20):
-                s.run(None, feeds[k])
-        times: dict[str, list[float]] = {"ours": [], "base": []}
-        for r in range(rounds * per_round // pairs):
-            for k in (("ours", "base") if r % 2 == 0 else ("base", "ours")):
-                start = time.perf_counter()
-                sessions[k].run(None, feeds[k])
-                times[k].append(time.perf_counter() - start)
-        ratios.append(statistics.median(times["ours"]) / statistics.median(times["base"]))
-        for k in times:
-            all_times[k].extend(times[k])
+    ratios, ours, base = session_latencies(default_file, other_file, shape, rounds, per_round)
     ratio = statistics.median(ratios)
     shape_text = "x".join(map(str, shape))
     label = f"{count} leftover norms, {DEFAULT_LOWER} (default) vs {other}"
     return {"name": f"ort latency {name} {shape_text}, {label} (ms)",
-            "normcli": statistics.median(all_times["ours"]) * 1e3,
-            "baseline": statistics.median(all_times["base"]) * 1e3,
+            "normcli": statistics.median(ours) * 1e3, "baseline": statistics.median(base) * 1e3,
             "ratio": ratio, "ratio_min": min(ratios), "ratio_max": max(ratios), "bar": BAR, "passed": ratio <= BAR}
 
 
