@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every --json output the tests produce, in process or in a subprocess of the installed normcli, is checked
 # against the command's schema (normcli/schemas): a key that drifts from the contract fails the test that saw it.
 os.environ["NORMCLI_VALIDATE_JSON"] = "1"
+# Piped tables fit COLUMNS when it is set, and pytest-xdist's workers set it to 80: the tests see what a CI log
+# gets (no width limit) unless a test sets a width itself.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 SAMPLES = ROOT / "samples"
 
 
