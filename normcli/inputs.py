@@ -9,6 +9,9 @@ from normcli.errors import NormcliError
 
 # spatial size per conv dimensionality when the input shape is inferred: modest, so inference stays fast
 DEFAULT_SPATIAL = {1: 64, 2: 64, 3: 16}
+# all the random inputs of one run together (samples x elements per sample): 2 GiB of float64 at most, made
+# up front, so that a large --samples is a usage error before anything is allocated
+MAX_INPUT_ELEMENTS = 1 << 28
 
 
 def infer_input_shape(model) -> tuple[tuple[int, ...], str]:
@@ -60,9 +63,18 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, 
     dtype = torch.float32 if dtype is None else dtype
     if samples < 1:
         raise NormcliError(f"the number of samples must be at least 1, got {samples}")
+    per_sample = 0
     for shape in shapes:
         if any(int(d) < 1 for d in shape):
             raise NormcliError(f"input shape {','.join(map(str, shape))} has a dimension below 1")
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        per_sample += numel
+    if samples * per_sample > MAX_INPUT_ELEMENTS:
+        raise NormcliError(f"{samples} samples of {per_sample} input elements each are {samples * per_sample} "
+                           f"elements, more than the {MAX_INPUT_ELEMENTS} one run makes; give fewer --samples or "
+                           "smaller input shapes")
     generator = torch.Generator().manual_seed(seed)
     try:
         return [tuple(torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype)

@@ -417,6 +417,15 @@ def test_a_missing_input_is_reported_before_an_existing_output(cli, tmp_path):
     assert out.read_bytes() == b"keep"
 
 
+def test_more_samples_than_one_run_can_hold_is_a_usage_error_before_any_allocation(run_normcli, tmp_path):
+    out = tmp_path / "r.onnx"
+    done = run_normcli("fuse-export", ROOT / "samples" / "resnet_tiny.pt", "--arch", f"{MODELS_PY}:resnet_tiny",
+                       "-o", out, "--input-shape", "1,3,32,32", "--samples", "100000000")
+    assert done.returncode == 2 and not out.exists() and not list(tmp_path.iterdir())
+    line = error_line(done.stderr)
+    assert "100000000 samples of 3072 input elements" in line and "give fewer --samples" in line
+
+
 # --- several inputs ----------------------------------------------------------------------------------------------
 
 def two_input_checkpoint(folder: Path) -> Path:
