@@ -178,10 +178,10 @@ def fuse_export(model, output: str | os.PathLike, *,
             try:
                 outputs = reference_model(*_widened(sample, widen))
             except Exception as e:
+                option = "--input" if source == "--input" else "--input-shape"
+                hint = inputs_hint(model, option, given=source in ("--input", "--input-shape"))
                 raise NormcliError(f"the model does not run on inputs of shapes {_shapes(sample)} ({source}): "
-                                   f"{describe(e)}; "
-                                   f"{inputs_hint(model, '--input' if source == '--input' else '--input-shape')}"
-                                   ) from None
+                                   f"{describe(e)}; {hint}") from None
             if not references:
                 reference_outputs = outputs
             references.append(torch.utils._pytree.tree_flatten(outputs)[0])

@@ -71,6 +71,9 @@ def make_inputs(shapes: Sequence[tuple[int, ...]], samples: int, seed: int = 0, 
         for d in shape:
             numel *= int(d)
         per_sample += numel
+    if per_sample > MAX_INPUT_ELEMENTS:
+        raise NormcliError(f"input shapes {' '.join(','.join(map(str, s)) for s in shapes)} have {per_sample} "
+                           f"elements, more than the {MAX_INPUT_ELEMENTS} one run makes; give smaller input shapes")
     if samples * per_sample > MAX_INPUT_ELEMENTS:
         raise NormcliError(f"{samples} samples of {per_sample} input elements each are {samples * per_sample} "
                            f"elements, more than the {MAX_INPUT_ELEMENTS} one run makes; give fewer --samples or "
@@ -117,9 +120,18 @@ def input_configurations(items: Sequence, model, option: str) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
-def inputs_hint(model, option: str = "--input-shape") -> str:
-    """What to give instead, for an error about inputs the model did not run on."""
+def inputs_hint(model, option: str = "--input-shape", given: bool = False) -> str:
+    """What to give instead, for an error about inputs the model did not run on. ``given``: the user passed
+    ``option`` already, so the hint says what to change in it rather than asking for it again."""
     names = positional_inputs(model)
+    if given:
+        what = "the shapes" if option == "--input-shape" else "the files"
+        if names and len(names) > 1:
+            return (f"the model takes {len(names)} positional inputs ({', '.join(names)}): check {what} given with "
+                    f"{option}, one per input, in order")
+        if names:
+            return f"the model takes one positional input ({names[0]}): check {what} given with {option}"
+        return f"check {what} given with {option}: one per positional input of the model"
     if names and len(names) > 1:
         return (f"the model takes {len(names)} positional inputs ({', '.join(names)}): give one {option} per input, "
                 "in order")

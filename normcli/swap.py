@@ -702,7 +702,7 @@ def swap_norms(
                 raw = ", ".join(",".join(map(str, s)) for s in shapes)
                 raise NormcliError(
                     f"the model does not run on inputs of shapes {raw} (from {source}) ({describe(exc)}); "
-                    f"{inputs_hint(model, '--input' if source == 'inputs' else '--input-shape')}"
+                    f"{inputs_hint(model, '--input' if source == 'inputs' else '--input-shape', given=True)}"
                 ) from exc
             report.notes.append(f"the model did not run on the guessed input shape {shapes[0]}, so there is no "
                                 f"eval_drift or train_check; {inputs_hint(model)}")

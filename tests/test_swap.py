@@ -392,8 +392,9 @@ def test_two_input_probe_finds_each_batchnorms_rank_and_shapes_come_in_groups():
     assert report.train_check["passed"] and report.input_shapes == [[2, 3, 8, 8], [2, 6]]
     with pytest.raises(NormcliError, match=r"3 input shapes given, but the model takes 2 positional inputs"):
         swap_norms(model, "frn", input_shapes=[(2, 3, 8, 8), (2, 6), (2, 3, 8, 8)])
-    with pytest.raises(NormcliError, match=r"does not run on inputs of shapes 2,6, 2,3,8,8 .*give one --input-shape "
-                                           r"per input"):
+    # the shapes were given: the error says to check them, not to give the option again
+    with pytest.raises(NormcliError, match=r"does not run on inputs of shapes 2,6, 2,3,8,8 .*check the shapes given "
+                                           r"with --input-shape, one per input, in order"):
         swap_norms(model, "frn", input_shapes=[(2, 6), (2, 3, 8, 8)])
     inputs = [torch.randn(1, 3, 8, 8), torch.randn(1, 6)]
     _, from_tensors = swap_norms(model, "mabn", inputs=inputs)
