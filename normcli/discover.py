@@ -12,7 +12,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Sequence
 
 from normcli.errors import NormcliError
 
@@ -86,11 +86,12 @@ def _onnx_plausible(head: bytes) -> bool:
     return len(head) > 4 and head[2] in (0x12, 0x1A, 0x3A, 0x42)
 
 
-def discover(paths: Iterable[str], include_pickles: bool = True) -> list[Target]:
+def discover(paths: Sequence[str], include_pickles: bool = True) -> list[Target]:
     """Expand ``paths`` (files, directories searched recursively, globs) into checkpoints, in order, once each.
 
     A directory that is itself one checkpoint (see :func:`checkpoint_directory`) stays one entry. A path that
-    does not exist is kept as given, so that the caller reports it in its own row.
+    does not exist is kept as given, so that the caller reports it in its own row. Finding nothing at all is
+    an error.
     """
     out: list[Target] = []
     seen: set[str] = set()
@@ -124,6 +125,11 @@ def discover(paths: Iterable[str], include_pickles: bool = True) -> list[Target]
             if len(out) == found_before and not matches:
                 raise NormcliError(f"{raw!r} matches no file; check the pattern (quote it so that the shell "
                                    "leaves it to normcli, and use ** for subdirectories)")
+    if not out:
+        raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
+                           "recognised by content); give a checkpoint file or another directory"
+                           if len(paths) == 1 and os.path.isdir(paths[0])
+                           else f"no checkpoint found in {', '.join(paths)}")
     return out
 
 

@@ -153,6 +153,32 @@ def parse_fail_on(value: str) -> str:
     return value
 
 
+# What parity checks, for fuse-export and parity alike. normcli.metrics' CHECK_STATS and DEFAULT_QUANTILE,
+# repeated so that --help imports no numpy (a test checks they agree).
+CHECK_STATS = ("max", "mean", "median", "quantile")
+DEFAULT_QUANTILE = 0.99
+CheckErrorStatOption = typer.Option(
+    None, "--check-error-stat", metavar="|".join(CHECK_STATS), case_sensitive=False,
+    help="Check this statistic of each output's errors instead of every element: fails when it exceeds --atol "
+         "(absolute error) and --rtol (relative error), as Polygraphy does.")
+ErrorQuantileOption = typer.Option(DEFAULT_QUANTILE, "--error-quantile", metavar="Q",
+                                   help="The quantile checked by --check-error-stat quantile.")
+ProviderOption = typer.Option(None, "--provider", metavar="NAME",
+                              help="onnxruntime execution provider (cpu, cuda, ...). Default: cpu.")
+
+
+def parse_check_stat(value: Optional[str], quantile: float) -> Optional[str]:
+    """--check-error-stat in lower case (None: every element), after checking it and --error-quantile."""
+    from normcli.errors import NormcliError
+
+    stat = value.lower() if value else None
+    if stat is not None and stat not in CHECK_STATS:
+        raise NormcliError(f"--check-error-stat must be one of {', '.join(CHECK_STATS)}, not {value!r}")
+    if not 0.0 <= quantile <= 1.0:
+        raise NormcliError(f"--error-quantile must be between 0 and 1, got {quantile}")
+    return stat
+
+
 def check_inputs_first(*paths) -> None:
     """Refuse a missing or unreadable input before anything looks at the output path. A directory that is
     one checkpoint (sharded or torch.distributed.checkpoint) is an input like a file."""

@@ -7,10 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from normcli.cli.common import (ArchKwargsOption, ArchOption, DebugOption, FailOnOption, JsonOption, LimitOption,
-                                UnsafeLoadOption, cell, check_inputs_first, err_console, jsonable, out_console,
-                                parse_arch_kwargs, parse_fail_on, parse_shape, print_json, render_findings,
-                                safe_text)
+from normcli.cli.common import (ArchKwargsOption, ArchOption, CheckErrorStatOption, DebugOption, ErrorQuantileOption,
+                                FailOnOption, JsonOption, LimitOption, ProviderOption, UnsafeLoadOption, cell,
+                                check_inputs_first, err_console, jsonable, out_console, parse_arch_kwargs,
+                                parse_check_stat, parse_fail_on, parse_shape, print_json, render_findings, safe_text)
 from normcli.cli.output import QuietOption, Reporter, VerboseOption
 from normcli.cli.parity_report import parity_json, render_diagnosis, render_golden, render_parity
 
@@ -22,8 +22,6 @@ DEFAULT_SAMPLES = 3
 EXPORTERS = ("dynamo", "torchscript")
 LOWER_MODES = ("mul-add", "keep")  # normcli.lower.LOWER_MODES; DEFAULT_LOWER mirrors its default
 DEFAULT_LOWER = "keep"
-DEFAULT_QUANTILE = 0.99                       # normcli.metrics
-CHECK_STATS = ("max", "mean", "median", "quantile")
 PRECISIONS = ("fp32", "fp16")                 # normcli.parity_diagnostics
 
 
@@ -75,12 +73,8 @@ def fuse_export(
     keep_on_fail: bool = typer.Option(False, "--keep-on-fail", help="Write the outputs even if parity fails "
                                                                      "(the exit code is still 1)."),
     fail_on: str = FailOnOption,
-    check_error_stat: Optional[str] = typer.Option(
-        None, "--check-error-stat", metavar="max|mean|median|quantile", case_sensitive=False,
-        help="Check this statistic of each output's errors instead of every element: fails when it exceeds "
-             "--atol (absolute error) and --rtol (relative error), as Polygraphy does."),
-    error_quantile: float = typer.Option(DEFAULT_QUANTILE, "--error-quantile", metavar="Q",
-                                         help="The quantile checked by --check-error-stat quantile."),
+    check_error_stat: Optional[str] = CheckErrorStatOption,
+    error_quantile: float = ErrorQuantileOption,
     compare_intermediates: bool = typer.Option(
         False, "--compare-intermediates",
         help="Compare every module's output in torch and onnxruntime and name the first that diverges "
@@ -94,8 +88,7 @@ def fuse_export(
     precision: str = typer.Option("fp32", "--precision", metavar="fp32|fp16", case_sensitive=False,
                                   help="Export in float16 (fp16) and check it against the float32 model, with "
                                        "float16 tolerances (16 x its epsilon) unless --atol/--rtol say otherwise."),
-    provider: Optional[str] = typer.Option(None, "--provider", metavar="NAME",
-                                           help="onnxruntime execution provider (cpu, cuda, ...). Default: cpu."),
+    provider: Optional[str] = ProviderOption,
     json_out: bool = JsonOption,
     unsafe_load: bool = UnsafeLoadOption,
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
@@ -121,11 +114,7 @@ def fuse_export(
     if lower_unfolded not in LOWER_MODES:
         raise NormcliError(f"--lower-unfolded must be mul-add or keep, not {lower_unfolded!r}")
     shapes = [parse_shape(s) for s in input_shape or []]
-    stat = check_error_stat.lower() if check_error_stat else None
-    if stat is not None and stat not in CHECK_STATS:
-        raise NormcliError(f"--check-error-stat must be one of {', '.join(CHECK_STATS)}, not {check_error_stat!r}")
-    if not 0.0 <= error_quantile <= 1.0:
-        raise NormcliError(f"--error-quantile must be between 0 and 1, got {error_quantile}")
+    stat = parse_check_stat(check_error_stat, error_quantile)
     precision = precision.lower()
     if precision not in PRECISIONS:
         raise NormcliError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -254,8 +243,6 @@ def _num(x: float) -> str:
 
 
 def render(report, reporter=None) -> None:
-    from rich.table import Table
-
     console = out_console
     shapes = " ".join(",".join(map(str, s)) for s in report.input_shapes)
     console.print(f"input shape {shapes} ({'guessed: ' if report.input_shape_guessed else ''}{report.input_source})"

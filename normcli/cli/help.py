@@ -31,7 +31,6 @@ PANEL_OF = {
     # what is written or printed
     "output": "Output", "json_out": "Output", "fmt": "Output", "save_fused": "Output", "save_inputs": "Output",
     "save_outputs": "Output", "keep_on_fail": "Output", "quiet": "Output", "verbose": "Output",
-    "debug": "Output",
     # what is judged
     "fail_on": "Checks", "eps": "Checks", "tiny_var_ratio": "Checks", "dead_weight": "Checks",
     "fp16_max": "Checks", "tiny_direction_ratio": "Checks", "atol": "Checks", "rtol": "Checks",

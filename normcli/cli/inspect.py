@@ -61,11 +61,6 @@ def inspect(
     thresholds = Thresholds(eps=eps, tiny_var_ratio=tiny_var_ratio, dead_weight=dead_weight, fp16_max=fp16_max,
                             tiny_direction_ratio=tiny_direction_ratio)
     targets = discover(paths, include_pickles=False)
-    if not targets:
-        raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
-                           "recognised by content); give a checkpoint file or another directory"
-                           if len(paths) == 1 and os.path.isdir(paths[0])
-                           else f"no checkpoint found in {', '.join(paths)}")
     if len(paths) > 1 or len(targets) > 1 or os.path.normpath(targets[0].path) != os.path.normpath(paths[0]):
         if layer:
             raise NormcliError("--layer shows one file's channels; give a single file with it")

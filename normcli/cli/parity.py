@@ -9,14 +9,13 @@ from typing import Optional
 
 import typer
 
-from normcli.cli.common import DebugOption, JsonOption, out_console, print_json, safe_text
+from normcli.cli.common import (CheckErrorStatOption, DebugOption, ErrorQuantileOption, JsonOption, ProviderOption,
+                                out_console, parse_check_stat, print_json, safe_text)
 from normcli.cli.output import QuietOption, Reporter, VerboseOption
 
 # the library defaults (normcli.parity), repeated so that --help shows them without importing numpy
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
-DEFAULT_QUANTILE = 0.99
-CHECK_STATS = ("max", "mean", "median", "quantile")
 
 
 def parity(
@@ -31,27 +30,20 @@ def parity(
     rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", metavar="X",
                                help="Relative tolerance: an element fails when |onnx-expected| > atol + "
                                     "rtol*|expected|."),
-    check_error_stat: Optional[str] = typer.Option(
-        None, "--check-error-stat", metavar="max|mean|median|quantile", case_sensitive=False,
-        help="Check this statistic of the errors instead of every element: fails when it exceeds --atol "
-             "(absolute error) and --rtol (relative error), as Polygraphy does."),
-    error_quantile: float = typer.Option(DEFAULT_QUANTILE, "--error-quantile", metavar="Q",
-                                         help="The quantile checked by --check-error-stat quantile."),
-    provider: Optional[str] = typer.Option(None, "--provider", metavar="NAME",
-                                           help="onnxruntime execution provider (cpu, cuda, ...). Default: cpu."),
+    check_error_stat: Optional[str] = CheckErrorStatOption,
+    error_quantile: float = ErrorQuantileOption,
+    provider: Optional[str] = ProviderOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
     debug: bool = DebugOption,
 ) -> None:
     """Check an ONNX model against stored inputs and expected outputs in onnxruntime (no torch needed)."""
-    from normcli.errors import CheckFailed, NormcliError
+    from normcli.errors import CheckFailed
     from normcli.formats import check_readable
     from normcli.golden import check_golden
 
-    stat = check_error_stat.lower() if check_error_stat else None
-    if stat is not None and stat not in CHECK_STATS:
-        raise NormcliError(f"--check-error-stat must be one of {', '.join(CHECK_STATS)}, not {check_error_stat!r}")
+    stat = parse_check_stat(check_error_stat, error_quantile)
     check_readable(model)
     with Reporter("parity", quiet, verbose, announce=False) as reporter:
         reporter.stage(f"running {model} in onnxruntime")

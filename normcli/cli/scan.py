@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from typing import List, Optional
 
@@ -54,11 +53,6 @@ def scan(
     limits = parse_limits(limit)
     reporter = Reporter("scan", quiet, verbose, announce=False)
     targets = discover(paths, include_pickles=True)
-    if not targets:
-        raise NormcliError(f"{paths[0]} is a directory with no checkpoint in it (searched recursively, files "
-                           "recognised by content); give a checkpoint file or another directory"
-                           if len(paths) == 1 and os.path.isdir(paths[0])
-                           else f"no checkpoint found in {', '.join(paths)}")
     with reporter:
         reporter.stage(f"judging {len(targets)} file(s)")
         results = run_all(_Assess(limits), [t.path for t in targets], jobs, _crashed)
