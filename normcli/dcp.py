@@ -46,6 +46,22 @@ def _fail(where, what: str) -> NormcliError:
     return NormcliError(f"{where}: {what}; the checkpoint is corrupt or crafted")
 
 
+def _checked_unpickle(data: bytes, persistent_load, limits: Limits, where: str):
+    """The checked opcode walk, then the allow-list unpickler (normcli.safe_pickle.safe_load), with every
+    failure named after ``where``: (value, unpickler, walk)."""
+    from normcli.safe_pickle import PickleRefused, safe_load
+
+    try:
+        return safe_load(io.BytesIO(data), persistent_load, limits, size=len(data))
+    except (PickleRefused, LimitExceeded) as e:
+        e.args = (f"{where}: {e.args[0]}",)
+        raise
+    except NormcliError:
+        raise
+    except Exception as e:
+        raise _fail(where, f"cannot read its pickle ({type(e).__name__}: {str(e)[:80]})") from None
+
+
 def _state(obj: Any, qualname: str, where) -> dict:
     """The fields a placeholder of class ``qualname`` was given (BUILD state, dict or (dict, slots))."""
     from normcli.safe_pickle import Placeholder
@@ -99,8 +115,7 @@ def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str, limits:
     the mapped bytes; also the globals its pickle names. The archive is read by normcli's checked zip reader
     over exactly that range (entries, local headers and data descriptors checked; nothing outside it read)."""
     from normcli.reader import _one_storage
-    from normcli.safe_pickle import (LazyArray, PickleRefused, _numpy_dtype, element_size, safe_load,
-                                     storage_from_pid)
+    from normcli.safe_pickle import LazyArray, PickleRefused, _numpy_dtype, element_size, storage_from_pid
     from normcli.ziparchive import ZipArchive
 
     region = mf.view(offset, length, where)
@@ -130,15 +145,7 @@ def read_saved_tensor(mf: _Mapped, offset: int, length: int, where: str, limits:
             raise PickleRefused(f"the pickle refers to storage {ref.key}, which the archive does not hold")
         return ref
 
-    try:  # the checked opcode walk, then the allow-list unpickler (normcli.safe_pickle.safe_load)
-        value, unpickler, walk = safe_load(io.BytesIO(data), persistent_load, limits, size=len(data))
-    except (PickleRefused, LimitExceeded) as e:
-        e.args = (f"{mf.path} ({where}): {e.args[0]}",)
-        raise
-    except NormcliError:
-        raise
-    except Exception as e:
-        raise _fail(mf.path, f"{where}: cannot read its pickle ({type(e).__name__}: {str(e)[:80]})") from None
+    value, unpickler, walk = _checked_unpickle(data, persistent_load, limits, f"{mf.path} ({where})")
     if not isinstance(value, LazyArray):
         raise _fail(mf.path, f"{where} does not hold a tensor")
     return value, _merged(walk.globals, unpickler.globals_seen)
@@ -212,8 +219,8 @@ def _pickle_globals_of(view: memoryview, where: str, limits: Limits) -> list[str
 def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_LIMITS):
     """Read a torch.distributed.checkpoint directory as one TensorFile (format ``dcp``)."""
     from normcli.reader import STATE_DICT_KEYS, TensorFile, _strip_wrapper_prefixes
-    from normcli.safe_pickle import (STORAGE_DTYPES, TORCH_DTYPE_STORAGE, LazyArray, PickleRefused, StorageRef,
-                                     element_size, is_unsafe_global, safe_load)
+    from normcli.safe_pickle import (STORAGE_DTYPES, TORCH_DTYPE_STORAGE, LazyArray, StorageRef, element_size,
+                                     is_unsafe_global)
     from normcli.sharded import shard_path
 
     meta_path = directory / ".metadata"
@@ -226,15 +233,7 @@ def read_dcp(directory: Path, key: str | None = None, limits: Limits = DEFAULT_L
             raw = f.read(limits.max_dcp_metadata_bytes + 1)
     except OSError as e:
         raise NormcliError(f"{meta_path}: cannot read ({e.strerror})") from None
-    try:  # the checked opcode walk (depth, memo, budget, opcodes), then the allow-list unpickler
-        root, unpickler, walk = safe_load(io.BytesIO(raw), None, limits, size=len(raw))
-    except (PickleRefused, LimitExceeded) as e:
-        e.args = (f"{meta_path}: {e.args[0]}",)
-        raise
-    except NormcliError:
-        raise
-    except Exception as e:
-        raise _fail(meta_path, f"cannot read the pickle ({type(e).__name__}: {str(e)[:80]})") from None
+    root, unpickler, walk = _checked_unpickle(raw, None, limits, str(meta_path))
     globals_seen = _merged(walk.globals, unpickler.globals_seen)
 
     md = _state(root, _MD + "Metadata", meta_path)
